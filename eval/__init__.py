@@ -1,0 +1,1 @@
+"""FID / CLIP-score evaluation on a pinned protocol (issue 7)."""

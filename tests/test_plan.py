@@ -1,0 +1,80 @@
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+import trainer.plan  # noqa: F401  (registers the plan schema)
+from trainer.models.config import build_components, count_parameters
+from trainer.zero_memory import zero_model_state_bytes
+
+from conftest import ROOT
+
+# Counts from the issue: CompVis txt2img-1p4B-eval.yaml, SD v1/v2 inference configs.
+EXPECTED = {
+    "ldm_1p45b": {"unet": 872_300_484, "first_stage": 83_653_863, "text_encoder": 542_895_360},
+    "sd_v1": {"unet": 859_520_964, "first_stage": 83_653_863},
+    "sd_v2": {"unet": 865_910_724, "first_stage": 83_653_863},
+}
+
+
+def _plan(compose, model, *extra):
+    return OmegaConf.to_object(compose("plan", [f"model={model}", *extra]))
+
+
+@pytest.mark.parametrize("model", sorted(EXPECTED))
+def test_preset_parameter_counts_exact(compose, model):
+    plan = _plan(compose, model)
+    parts = build_components(plan.model, device="meta")
+    for name, expected in EXPECTED[model].items():
+        assert count_parameters(getattr(parts, name)) == expected, name
+
+
+def test_paper_model_is_1p45b_with_logits_head(compose):
+    parts = build_components(_plan(compose, "ldm_1p45b").model, device="meta")
+    assert parts.text_encoder_trainable
+    unet_plus_text = count_parameters(parts.unet) + count_parameters(parts.text_encoder)
+    logits_head = 1280 * 30522 + 30522  # built, unused, by CompVis and diffusers
+    assert unet_plus_text + logits_head == 1_454_294_526
+
+
+def test_plan_cli_prints_counts_and_zero_table():
+    out = subprocess.run([sys.executable, "-m", "trainer.plan", "model=ldm_1p45b", "world_size=8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "872,300,484" in text and "542,895,360" in text and "83,653,863" in text
+    # Stage 0 row: 16 bytes x 1,415,195,844 trainable parameters = 21.09 GiB (bf16 mixed precision).
+    stage0 = next(line for line in text.splitlines() if line.startswith("0 "))
+    assert "21.09 GiB" in stage0
+    assert "multirun" not in text
+
+
+def test_zero_formula_matches_paper():
+    psi, n = 7_500_000_000, 64  # the ZeRO paper's Fig. 1 example: 7.5B parameters on 64 GPUs
+    gb = lambda b: b / 1e9  # noqa: E731
+    assert gb(zero_model_state_bytes(psi, n, 0).total) == pytest.approx(120.0)
+    assert gb(zero_model_state_bytes(psi, n, 1).total) == pytest.approx(31.4, abs=0.05)
+    assert gb(zero_model_state_bytes(psi, n, 2).total) == pytest.approx(16.6, abs=0.05)
+    assert gb(zero_model_state_bytes(psi, n, 3).total) == pytest.approx(1.88, abs=0.01)
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["model.unet.context_dim=768"], ["model.unet.context_dim", "768", "1280"]),
+    (["model.unet.in_channels=3"], ["model.unet.in_channels", "4"]),
+    (["precision=fp8"], ["precision", "fp8", "bf16"]),
+    (["world_size=0"], ["world_size"]),
+])
+def test_inconsistent_settings_fail_before_building(compose, overrides, keys):
+    with pytest.raises(ValueError) as err:
+        _plan(compose, "ldm_1p45b", *overrides)
+    for k in keys:
+        assert k in str(err.value)
+
+
+def test_unknown_key_is_rejected(compose):
+    from omegaconf.errors import ConfigCompositionException, ConfigKeyError
+    from hydra.errors import ConfigCompositionException as HydraCompositionError
+    with pytest.raises((ConfigKeyError, ConfigCompositionException, HydraCompositionError)) as err:
+        _plan(compose, "tiny", "model.unet.num_head=4")
+    assert "num_head" in str(err.value)

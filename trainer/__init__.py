@@ -1,0 +1,3 @@
+"""Training, sampling and planning for text-to-image latent diffusion models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Weight converters between this project's modules (CompVis layout) and other formats."""

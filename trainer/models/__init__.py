@@ -1,0 +1,1 @@
+"""The networks of latent diffusion: KL autoencoder, cross-attention UNet, text encoders."""

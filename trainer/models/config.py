@@ -1,0 +1,84 @@
+"""The model preset: first stage + UNet + text encoder, checked against each other.
+
+Each component owns its typed config (``UNetConfig``, ``AutoencoderConfig``, ``TextEncoderConfig``);
+this module only composes them and checks the settings that span two components, before any weight
+is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trainer.models.autoencoder import AutoencoderConfig, build_first_stage
+from trainer.models.text_encoders import TextEncoderConfig, build_text_encoder
+from trainer.models.unet import UNetConfig, UNetModel
+
+
+@dataclass
+class ModelConfig:
+    # Defaults are the paper's 1.45B model; presets in conf/model/ override them.
+    name: str = "ldm_1p45b"
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(context_dim=1280))
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def __post_init__(self) -> None:
+        width = self.text_encoder.output_width
+        if self.unet.context_dim != width:
+            raise ValueError(
+                f"model.unet.context_dim={self.unet.context_dim} must equal the text encoder's output "
+                f"width {width} (model.text_encoder: kind={self.text_encoder.kind!r}); cross-attention "
+                f"reads the text encoder's hidden states.")
+        latent = self.autoencoder.latent_channels
+        for key in ("in_channels", "out_channels"):
+            if getattr(self.unet, key) != latent:
+                raise ValueError(
+                    f"model.unet.{key}={getattr(self.unet, key)} must equal the first stage's latent "
+                    f"channels {latent} (model.autoencoder: kind={self.autoencoder.kind!r}).")
+
+
+@dataclass
+class ModelComponents:
+    """The built networks. Only ``trainable_modules`` enter an optimizer."""
+
+    unet: UNetModel
+    first_stage: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object | None
+
+    @property
+    def text_encoder_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.text_encoder.parameters())
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {"unet": self.unet}
+        if self.text_encoder_trainable:
+            out["text_encoder"] = self.text_encoder
+        return out
+
+
+def build_components(cfg: ModelConfig, *, device: torch.device | str = "cpu",
+                     allow_random_init: bool = False, load_weights: bool = True,
+                     build_tokenizer: bool = True) -> ModelComponents:
+    """Build every network of ``cfg`` on ``device``.
+
+    ``device="meta"`` allocates nothing (used by ``trainer.plan``); weights are then not loaded and
+    no tokenizer is built. ``allow_random_init`` lets frozen pretrained parts (OpenCLIP) start from
+    random weights, for tests only.
+    """
+    meta = torch.device(device).type == "meta"
+    with torch.device(device):
+        unet = UNetModel(cfg.unet)
+        first_stage = build_first_stage(cfg.autoencoder, load_weights=load_weights and not meta)
+        text_encoder, tokenizer = build_text_encoder(
+            cfg.text_encoder, allow_random_init=allow_random_init or meta,
+            build_tokenizer=build_tokenizer and not meta)
+    return ModelComponents(unet=unet, first_stage=first_stage, text_encoder=text_encoder,
+                           tokenizer=tokenizer)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
