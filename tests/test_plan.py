@@ -72,3 +72,12 @@ def test_unknown_key_is_rejected(compose):
     with pytest.raises((ConfigKeyError, ConfigCompositionException)) as err:
         _plan(compose, "tiny", "model.unet.num_head=4")
     assert "num_head" in str(err.value)
+
+
+@pytest.mark.parametrize("preset", ["ldm", "sd_v2_v", "zero_snr_v"])
+def test_diffusion_presets_are_valid(preset):
+    from trainer.diffusion import DiffusionConfig, build_diffusion
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DiffusionConfig),
+                                              OmegaConf.load(f"conf/diffusion/{preset}.yaml")))
+    diffusion = build_diffusion(cfg)
+    assert diffusion.schedule.alphas_cumprod.shape == (1000,)
