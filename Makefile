@@ -35,8 +35,9 @@ test: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Heavier tests (SD-shaped parity, end-to-end runs); CI runs them as a separate step.
+# pytest exits 5 when no test is marked slow; that is not a failure of this tier.
 test-slow: install
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 bench: install
 	$(PY) bench/unet_step.py

@@ -13,77 +13,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-class _GroupNormSiLU(torch.autograd.Function):
-    """``silu(group_norm(x))`` that saves only ``x`` and recomputes the norm in backward.
-
-    Autograd on the two ops also keeps the normalised tensor for SiLU's backward: one extra
-    full-size activation per norm, and every ResBlock has two. Recomputing it costs one
-    normalisation pass (cheap next to the convolutions) and gives bitwise the same gradients,
-    since the same kernels run on the same inputs.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
-                eps: float) -> torch.Tensor:
-        _, y32, _, _ = _native_group_norm(x, weight, bias, num_groups, eps)
-        ctx.num_groups, ctx.eps = num_groups, eps
-        ctx.save_for_backward(x, weight, bias)
-        # Cast before SiLU, as GroupNorm32 followed by nn.SiLU does under autocast.
-        return F.silu(y32.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight, bias = ctx.saved_tensors
-        x32, y32, mean, rstd = _native_group_norm(x, weight, bias, ctx.num_groups, ctx.eps)
-        grad_y = torch.ops.aten.silu_backward(grad_out, y32.to(x.dtype)).float()
-        batch, channels = x.shape[:2]
-        grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
-            grad_y, x32, mean, rstd, weight.float(), batch, channels, x32.numel() // (batch * channels),
-            ctx.num_groups, list(ctx.needs_input_grad[:3]))
-        return (None if grad_x is None else grad_x.to(x.dtype),
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
-
-
-def _native_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
-                       eps: float) -> tuple[torch.Tensor, ...]:
-    """fp32 group norm exactly as ``torch.group_norm`` runs it: (x32, y32, mean, rstd)."""
-    # torch.group_norm keeps the suggested memory format on CPU and makes NCHW elsewhere.
-    if x.device.type == "cpu":
-        channels_last = (x.ndim == 4 and not x.is_contiguous()
-                         and x.is_contiguous(memory_format=torch.channels_last))
-        x32 = x.float().contiguous(
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    else:
-        x32 = x.float().contiguous()
-    batch, channels = x.shape[:2]
-    y32, mean, rstd = torch.native_group_norm(
-        x32, weight.float(), bias.float(), batch, channels, x32.numel() // (batch * channels),
-        num_groups, eps)
-    return x32, y32, mean, rstd
-
-
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 and cast back, as CompVis ``GroupNorm32``: the variance of a
-    bf16/fp16 activation over a whole group loses too many bits otherwise.
+    bf16/fp16 activation over a whole group loses too many bits otherwise."""
 
-    ``forward(x, silu=True)`` also applies the SiLU that follows every GroupNorm of a ResBlock,
-    recomputing the normalised tensor in backward instead of storing it (see ``_GroupNormSiLU``).
-    The SiLU module of the CompVis ``Sequential`` stays in place (it has no parameters); callers
-    that fuse simply skip it.
-    """
-
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        if silu and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _GroupNormSiLU.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            y = super().forward(x)
-        else:
-            # Upcast the affine parameters too, so a bf16 model without autocast works as well as
-            # bf16 activations under autocast (where group_norm already runs in fp32).
-            y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
-                             self.eps).to(x.dtype)
-        return F.silu(y) if silu else y
+            return super().forward(x)
+        # Upcast the affine parameters too, so a bf16 model without autocast works as well as
+        # bf16 activations under autocast (where group_norm already runs in fp32).
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
 
 
 class CrossAttention(nn.Module):
@@ -240,5 +180,8 @@ class SpatialTransformer(nn.Module):
             # Left as a strided (B, C, H, W) view: the residual add below writes its result in
             # x's layout, so CompVis' extra contiguous copy is not needed.
             return x + h.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        h = h.view(batch, height, width, inner).permute(0, 3, 1, 2).contiguous()  # (B, inner, H, W)
+        h = h.view(batch, height, width, inner).permute(0, 3, 1, 2)  # (B, inner, H, W)
+        # Already channels_last in memory; copy only when x (and so the model) is NCHW.
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        h = h.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return x + self.proj_out(h)

@@ -155,11 +155,9 @@ class ResBlock(nn.Module):
         return self._forward(x, emb)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # GroupNorm and the SiLU after it run fused (``silu=True``), so in_layers[1] and
-        # out_layers[1] are skipped; the Sequentials keep the CompVis parameter names.
-        h = self.in_layers[2](self.in_layers[0](x, silu=True))  # (B, C_out, H, W)
+        h = self.in_layers(x)  # (B, C_out, H, W)
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # + (B, C_out, 1, 1)
-        h = self.out_layers[3](self.out_layers[2](self.out_layers[0](h, silu=True)))
+        h = self.out_layers(h)
         return self.skip_connection(x) + h
 
 
@@ -306,4 +304,4 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context)  # (B, C_last, H/f, W/f)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out[2](self.out[0](h, silu=True))  # (B, C_out, H, W); out[1] fused into out[0]
+        return self.out(h)  # (B, C_out, H, W)
