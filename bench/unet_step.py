@@ -9,9 +9,13 @@ reduced width (``--preset sd_small``).
 
 Time: both models live in one process and their steps are interleaved (ours, diffusers, ours, ...,
 the order flipping each round) after ``--warmup`` rounds, so drift in machine load hits both alike;
-the median of ``--steps`` is reported.
+the median of ``--steps`` is reported. On a machine shared with other jobs use ``--threads 1``:
+with more OpenMP threads than idle cores the workers spin-wait on each other, steps get up to 10x
+slower and the ratio is noise. ``sd_v1``/``sd_v2`` hold both full-size models and their grads at
+once (about 15 GB on CPU).
 
-Peak memory of a step, above what is resident before it (weights, inputs, allocator caches):
+Peak memory of a step, above what is resident before it (weights, inputs, allocator caches); it
+includes the parameter gradients, which the step allocates:
 
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the
   memory allocated before the step; exact for tensor memory.
@@ -22,6 +26,7 @@ Peak memory of a step, above what is resident before it (weights, inputs, alloca
   read. The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every large tensor with
   its own mmap and returns it on free; otherwise freed blocks linger in the heap and a later
   allocation reuses them without raising the mark. The median of three such steps is reported.
+  (Linux only: it reads ``/proc``.)
 """
 
 from __future__ import annotations

@@ -103,8 +103,10 @@ def test_diffusers_config_heads():
 
 # --- parity with diffusers -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs", [TINY, SD_V1_SHAPED, SD_V2_SHAPED],
-                         ids=["tiny", "sd_v1_shaped", "sd_v2_shaped"])
+@pytest.mark.parametrize("kwargs", [
+    TINY, dict(TINY, attention_resolutions=[2]), dict(TINY, attention_resolutions=[]),
+    SD_V1_SHAPED, SD_V2_SHAPED,
+], ids=["tiny", "tiny_attn_at_last_level", "tiny_attn_in_middle_only", "sd_v1_shaped", "sd_v2_shaped"])
 def test_forward_parity_and_round_trip(kwargs):
     cfg, ours, theirs = _pair(kwargs)
     x, t, context = _inputs(cfg)

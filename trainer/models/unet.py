@@ -30,7 +30,9 @@ class UNetConfig:
     ``attention_resolutions`` lists downsampling factors ``ds`` (1 at the input resolution, doubling
     at each level) whose blocks get a ``SpatialTransformer``, as in CompVis. Heads are set by exactly
     one of ``num_heads`` (fixed count; SD v1) or ``num_head_channels`` (fixed width, count =
-    channels // width; SD v2); the other must be -1.
+    channels // width; SD v2); the other must be -1. ``dropout`` acts in ResBlocks only: CompVis
+    passes none to its transformers. ``activation_checkpointing`` turns it on for every block; use
+    ``UNetModel.set_activation_checkpointing`` to choose block kinds.
     """
 
     in_channels: int = 4
@@ -49,7 +51,7 @@ class UNetConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        # Hydra hands over ListConfig; plain lists keep the dataclass hashable-free and picklable.
+        # Hydra may hand over ListConfig; plain int lists keep `in` tests and pickling simple.
         self.channel_mult = [int(m) for m in self.channel_mult]
         self.attention_resolutions = [int(r) for r in self.attention_resolutions]
         for key in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
