@@ -424,3 +424,51 @@ def is_main_process(env: DistEnv) -> bool:
 def is_local_main_process(env: DistEnv) -> bool:
     """Local rank 0: the one process per node for node-local work (cache downloads, unpacking)."""
     return env.local_rank == 0
+
+
+# ----------------------------------------------------------------------------- collectives
+# The training loop and the EMA call these; each is the identity without a process group.
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_rank(group=None) -> int:
+    return dist.get_rank(group) if _active() else 0
+
+
+def all_gather_flat(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenation over the ranks of ``group`` of each rank's 1-D ``tensor`` (same size on all)."""
+    if not _active():
+        return tensor.flatten()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat([p.flatten() for p in parts])
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a float tensor (a copy)."""
+    out = values.detach().clone()
+    if _active():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on at least one."""
+    if not _active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (small, trusted objects between our own ranks only)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

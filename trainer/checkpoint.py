@@ -1,0 +1,284 @@
+"""Sharded checkpoints that count only once complete, on local disk or any fsspec URL.
+
+Layout of a checkpoint root (``checkpoint.dir``)::
+
+    step00001000/                     one tag per saved step
+        zero_pp_rank_*_model_states.pt / *_optim_states.pt   DeepSpeed's sharded engine state
+        ema.safetensors               whole fp32 EMA weights (world-size independent)
+        rng_rank00000.safetensors     each rank's RNG states
+        trainer_state.json            step, samples seen, data position, W&B run id, config...
+    latest                            the tag of the newest *complete* checkpoint
+
+``latest`` is written last, atomically (temporary name + rename locally; a single PUT on object
+stores), after every rank has finished writing, so a job killed while saving leaves the previous
+checkpoint as the one to resume from. Remote roots are written through a local staging directory
+and uploaded before the pointer moves.
+
+DeepSpeed's own files are pickles written by this job for this job; everything this module writes
+itself is JSON or safetensors, and nothing from outside is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import load_file, save_file
+
+from trainer import distributed
+
+log = logging.getLogger(__name__)
+
+POINTER = "latest"
+STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+TAG_RE = re.compile(r"step(\d{8})")
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path,
+                            metadata: Optional[dict[str, str]] = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    meta = {"python": json.dumps(_jsonable(random.getstate())),
+            "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]])}
+    return tensors, meta
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return [_jsonable(o) for o in obj]
+    return obj
+
+
+def _tuplify(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return tuple(_tuplify(o) for o in obj)
+    return obj
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    random.setstate(_tuplify(json.loads(meta["python"])))
+    name, keys, pos, has_gauss, gauss = json.loads(meta["numpy"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+@dataclass
+class ResumePoint:
+    tag: str
+    local_dir: Path  # DeepSpeed reads from here (the root itself, or a downloaded copy)
+    state: dict[str, Any]
+
+
+class CheckpointStore:
+    """One checkpoint root; every rank builds one (only rank 0 writes the pointer)."""
+
+    def __init__(self, root: str, work_dir: str | os.PathLike, *, rank: int, world_size: int,
+                 local_rank: int = 0) -> None:
+        self.url = root
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.work_dir = Path(work_dir)
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def latest_tag(self) -> Optional[str]:
+        pointer = self._path(POINTER)
+        if not self.fs.exists(pointer):
+            return None
+        tag = self.fs.cat_file(pointer).decode().strip()
+        if not TAG_RE.fullmatch(tag):
+            raise ValueError(f"{self.url}/{POINTER} names {tag!r}; expected a tag like step00001000")
+        if not self.fs.exists(self._path(tag, STATE_FILE)):
+            raise FileNotFoundError(f"{self.url}/{POINTER} points at {tag}, which has no {STATE_FILE}; "
+                                    f"the checkpoint root was modified by hand")
+        return tag
+
+    def tags(self) -> list[str]:
+        if not self.fs.exists(self.root):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        return sorted(n for n in names if TAG_RE.fullmatch(n))
+
+    def read_state(self, tag: str) -> dict[str, Any]:
+        return json.loads(self.fs.cat_file(self._path(tag, STATE_FILE)).decode())
+
+    # ------------------------------------------------------------------ save
+
+    def save_dir(self, tag: str) -> Path:
+        """Where DeepSpeed and this module write ``tag``: the root itself, or a staging copy."""
+        if self.is_local:
+            return Path(self.root) / tag
+        return self.work_dir / "staging" / tag
+
+    def save(self, engine, ema_state: Optional[dict[str, torch.Tensor]], state: dict[str, Any]) -> str:
+        """Collective: every rank calls it with the same ``state``; returns the tag."""
+        tag = tag_for(int(state["step"]))
+        out = self.save_dir(tag)
+        if self.rank == 0 and out.exists():
+            # Left by a save that was killed before its pointer moved: never pointed to, safe to drop.
+            shutil.rmtree(out)
+        distributed.barrier()
+        engine.save_checkpoint(str(out.parent), tag=tag, client_state={}, save_latest=False)
+        tensors, meta = rng_state()
+        atomic_save_safetensors(tensors, out / f"rng_rank{self.rank:05d}.safetensors", meta)
+        if self.rank == 0:
+            if ema_state is not None:
+                atomic_save_safetensors(ema_state, out / EMA_FILE)
+            atomic_write_bytes(out / STATE_FILE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+        distributed.barrier()
+        if self.rank == 0:
+            self._commit(tag, out)
+        distributed.barrier()
+        return tag
+
+    def _commit(self, tag: str, out: Path) -> None:
+        if not self.is_local:
+            target = self._path(tag)
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+            self.fs.put(str(out), target, recursive=True)
+            shutil.rmtree(out)
+            self.fs.pipe_file(self._path(POINTER), (tag + "\n").encode())
+        else:
+            atomic_write_bytes(Path(self.root) / POINTER, (tag + "\n").encode())
+        log.info("checkpoint %s complete in %s", tag, self.url)
+
+    def prune(self, keep_last: int) -> list[str]:
+        """Remove all but the newest ``keep_last`` complete tags (never the pointer's); rank 0 only."""
+        if self.rank != 0:
+            return []
+        latest = self.latest_tag()
+        tags = self.tags()
+        keep = set(tags[-keep_last:]) | ({latest} if latest else set())
+        removed = []
+        for tag in tags:
+            if tag not in keep and (latest is None or tag < latest):
+                self.fs.rm(self._path(tag), recursive=True)
+                removed.append(tag)
+        for stale in self.work_dir.glob(f"*{UNIVERSAL_SUFFIX}"):
+            if stale.name[: -len(UNIVERSAL_SUFFIX)] not in keep:
+                shutil.rmtree(stale, ignore_errors=True)
+        return removed
+
+    # ------------------------------------------------------------------ load
+
+    def resolve(self, tag: str) -> ResumePoint:
+        """Make ``tag`` readable from local disk on this node and return it (collective)."""
+        state = self.read_state(tag)
+        if self.is_local:
+            return ResumePoint(tag=tag, local_dir=Path(self.root), state=state)
+        local_root = self.work_dir / "download"
+        if self.local_rank == 0 and not (local_root / tag / STATE_FILE).exists():
+            tmp = local_root / f".{tag}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.fs.get(self._path(tag), str(tmp), recursive=True)
+            os.replace(tmp, local_root / tag)
+        distributed.barrier()
+        return ResumePoint(tag=tag, local_dir=local_root, state=state)
+
+
+def needs_universal(state: dict[str, Any], world_size: int) -> bool:
+    """Whether DeepSpeed can load the engine state directly: ZeRO partitions (and BF16_Optimizer's
+    fp32 masters) are cut per rank, so another world size needs the universal format."""
+    if int(state["world_size"]) == world_size:
+        return False
+    return int(state["zero_stage"]) >= 1 or state["precision"] != "fp32"
+
+
+def convert_to_universal(point: ResumePoint, work_dir: Path, *, rank: int) -> tuple[Path, str]:
+    """Convert ``point`` with DeepSpeed's ``ds_to_universal`` (rank 0; the others wait).
+
+    ``--inject_missing_state`` adds the parameter-shape and partition metadata that ZeRO 1/2
+    checkpoints of a non-Megatron model lack. Returns ``(load_dir, tag)`` for ``load_checkpoint``.
+    """
+    tag = point.tag + UNIVERSAL_SUFFIX
+    out = work_dir / tag
+    if rank == 0 and not (out / ".complete").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(point.local_dir / point.tag), "--output_folder", str(out),
+               "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        log.info("checkpoint %s was written by %s ranks, this job has %s: converting it to DeepSpeed's "
+                 "universal format in %s", point.tag, point.state["world_size"],
+                 distributed_world_size(), out)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ds_to_universal failed on {point.local_dir / point.tag} "
+                               f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        (out / ".complete").touch()
+    distributed.barrier()
+    return work_dir, tag
+
+
+def distributed_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def load_rng(point_dir: Path, rank: int) -> None:
+    path = point_dir / f"rng_rank{rank:05d}.safetensors"
+    if not path.exists():
+        log.warning("no RNG state for rank %d in %s (resumed on more ranks than saved); seeding fresh",
+                    rank, point_dir)
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    set_rng_state(load_file(str(path)), meta)
+
+
+def load_ema(point_dir: Path) -> Optional[dict[str, torch.Tensor]]:
+    path = point_dir / EMA_FILE
+    return load_file(str(path)) if path.exists() else None

@@ -1,0 +1,284 @@
+"""The training job's typed config: one dataclass per Hydra group of ``conf/train.yaml``.
+
+Every group validates itself in ``__post_init__`` (``OmegaConf.to_object`` runs them), so a wrong
+value fails with the key, the value and what is allowed before any model, dataset or process group
+is built. Cross-group checks live in ``TrainConfig.__post_init__``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from trainer.diffusion.config import DiffusionConfig
+from trainer.models.config import ModelConfig
+from trainer.sampling.samplers import SAMPLERS
+from trainer.tracking import LoggingConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ZERO_STAGES = (0, 1, 2, 3)
+LR_SCHEDULES = ("constant", "cosine", "linear")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_KINDS = ("digits", "webdataset")
+EVAL_KINDS = ("none", "digits")
+ACTIVATION_CHECKPOINTING = ("none", "res", "transformer", "all")
+
+
+def _bad(group: str, key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{group}.{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check_int(group: str, key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(group, key, value, f"an int >= {minimum}")
+
+
+@dataclass
+class DataConfig:
+    """Where training images and captions come from.
+
+    ``digits`` builds the embedded coloured-digits dataset (scikit-learn's handwritten digits) into
+    ``root`` on first use; ``webdataset`` reads the shards ``urls`` names (a brace pattern or a list).
+    """
+
+    kind: str = "digits"
+    root: str = ".cache/data/digits"
+    urls: list[str] = field(default_factory=list)
+    image_size: int = 32
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "png", "webp"])
+    caption_key: str = "txt"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise _bad("data", "kind", self.kind, f"one of {DATA_KINDS}")
+        _check_int("data", "image_size", self.image_size, 8)
+        if self.kind == "webdataset" and not self.urls:
+            raise _bad("data", "urls", self.urls, "one or more shard URLs (brace patterns allowed) "
+                       "when data.kind='webdataset'")
+        if not self.image_keys:
+            raise _bad("data", "image_keys", self.image_keys, "at least one image extension")
+        _check_int("data", "seed", self.seed, 0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # AdamW decay on matrices and convolution kernels only; norms, biases and embeddings' gains are
+    # left undecayed (as torchtitan / nanoGPT group them). CompVis trains with AdamW's default 1e-2.
+    weight_decay: float = 1e-2
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    # Floor of the cosine / linear decay, as a fraction of lr.
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise _bad("optim", "lr", self.lr, "a float > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise _bad("optim", "betas", list(self.betas), "two floats in [0, 1)")
+        if not self.eps > 0:
+            raise _bad("optim", "eps", self.eps, "a float > 0")
+        if not self.weight_decay >= 0:
+            raise _bad("optim", "weight_decay", self.weight_decay, "a float >= 0")
+        if self.schedule not in LR_SCHEDULES:
+            raise _bad("optim", "schedule", self.schedule, f"one of {LR_SCHEDULES}")
+        _check_int("optim", "warmup_steps", self.warmup_steps, 0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise _bad("optim", "min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    precision: str = "fp32"
+    gradient_clipping: float = 1.0
+    activation_checkpointing: str = "none"
+    # ZeRO-3: parameters below this size stay whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold); 0 partitions every parameter.
+    stage3_param_persistence_threshold: int = 0
+    # Overlap and bucket sizes only matter on GPUs; DeepSpeed's defaults there.
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    # fp16 dynamic loss scaling (DeepSpeed's initial_scale_power).
+    initial_scale_power: int = 16
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in ZERO_STAGES:
+            raise _bad("deepspeed", "zero_stage", self.zero_stage, f"one of {ZERO_STAGES}")
+        if self.precision not in PRECISIONS:
+            raise _bad("deepspeed", "precision", self.precision, f"one of {PRECISIONS}")
+        if not self.gradient_clipping >= 0:
+            raise _bad("deepspeed", "gradient_clipping", self.gradient_clipping, "a float >= 0 (0 = off)")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise _bad("deepspeed", "activation_checkpointing", self.activation_checkpointing,
+                       f"one of {ACTIVATION_CHECKPOINTING}")
+        _check_int("deepspeed", "stage3_param_persistence_threshold", self.stage3_param_persistence_threshold, 0)
+        _check_int("deepspeed", "reduce_bucket_size", self.reduce_bucket_size, 1)
+        _check_int("deepspeed", "allgather_bucket_size", self.allgather_bucket_size, 1)
+        _check_int("deepspeed", "initial_scale_power", self.initial_scale_power, 0)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    # CompVis LitEma: the decay used at update n is min(decay, (1 + n) / (10 + n)), so early
+    # averages are not dominated by the random initialisation.
+    warmup: bool = True
+    update_every: int = 1
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise _bad("ema", "decay", self.decay, "a float in (0, 1)")
+        _check_int("ema", "update_every", self.update_every, 1)
+        _check_int("ema", "start_step", self.start_step, 0)
+
+
+@dataclass
+class CheckpointConfig:
+    # Local path or any fsspec URL (s3://bucket/run/checkpoints); default: <run_dir>/checkpoints.
+    dir: Optional[str] = None
+    interval_steps: int = 1000
+    keep_last: int = 3
+    # auto: continue from the newest complete checkpoint in ``dir`` if there is one;
+    # never: refuse to start over an existing checkpoint; or an explicit checkpoint directory/tag.
+    resume: str = "auto"
+    # Resuming with a changed model / diffusion config is refused unless this is set.
+    allow_config_change: bool = False
+    # Scratch space for converting a checkpoint to DeepSpeed's universal format and for staging
+    # uploads to a remote ``dir``; default: <run_dir>/.checkpoint_work.
+    work_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_int("checkpoint", "interval_steps", self.interval_steps, 1)
+        _check_int("checkpoint", "keep_last", self.keep_last, 1)
+        if not self.resume:
+            raise _bad("checkpoint", "resume", self.resume, "'auto', 'never' or a checkpoint path")
+
+
+@dataclass
+class EvalConfig:
+    """Sampling during and after training (issue 7 adds FID / CLIP score).
+
+    ``digits``: one prompt per digit (``samples_per_prompt`` each), scored by the digit classifier
+    the dataset build fitted; the accuracy goes to the metrics JSON and W&B.
+    """
+
+    kind: str = "digits"
+    interval_steps: int = 0  # 0: only at the end of training
+    prompts: list[str] = field(default_factory=list)  # kind=none: what the sample grid shows
+    samples_per_prompt: int = 10
+    sampler: str = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 3.0
+    seed: int = 0
+    use_ema: bool = True
+    batch_size: int = 50
+
+    def __post_init__(self) -> None:
+        if self.kind not in EVAL_KINDS:
+            raise _bad("eval", "kind", self.kind, f"one of {EVAL_KINDS}")
+        _check_int("eval", "interval_steps", self.interval_steps, 0)
+        _check_int("eval", "samples_per_prompt", self.samples_per_prompt, 1)
+        if self.sampler not in SAMPLERS:
+            raise _bad("eval", "sampler", self.sampler, f"one of {sorted(SAMPLERS)}")
+        _check_int("eval", "num_steps", self.num_steps, 1)
+        if not self.guidance_scale >= 0:
+            raise _bad("eval", "guidance_scale", self.guidance_scale, "a float >= 0 (1 = no guidance)")
+        _check_int("eval", "seed", self.seed, 0)
+        _check_int("eval", "batch_size", self.batch_size, 1)
+
+
+@dataclass
+class TrainLoopConfig:
+    max_steps: int = 1000
+    # Samples per optimizer step over the whole job; split as
+    # micro_batch_size * gradient_accumulation * world_size (accumulation is derived).
+    global_batch_size: int = 32
+    micro_batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    # This many non-finite losses in a row stop the run (each one alone is skipped and counted).
+    max_consecutive_nan_steps: int = 5
+    # Steps whose loss is replaced by NaN: rehearses the NaN guard end to end (tests, drills).
+    inject_nan_at_steps: list[int] = field(default_factory=list)
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        _check_int("train", "max_steps", self.max_steps, 1)
+        _check_int("train", "global_batch_size", self.global_batch_size, 1)
+        _check_int("train", "micro_batch_size", self.micro_batch_size, 1)
+        _check_int("train", "seed", self.seed, 0)
+        if self.device not in DEVICES:
+            raise _bad("train", "device", self.device, f"one of {DEVICES}")
+        _check_int("train", "max_consecutive_nan_steps", self.max_consecutive_nan_steps, 1)
+        _check_int("train", "num_threads", self.num_threads, 0)
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size} x world_size={world_size}; "
+                f"allowed: a multiple of {per_step}")
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "demo"
+    run_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise _bad("", "run_dir", self.run_dir, "a directory path")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ValueError(f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                             f"train.micro_batch_size={self.train.micro_batch_size}")
+        if self.eval.kind == "digits" and self.data.kind != "digits":
+            raise ValueError(f"eval.kind='digits' scores samples with the digits classifier, which needs "
+                             f"data.kind='digits' (got {self.data.kind!r}); allowed: eval.kind='none'")
+        if self.deepspeed.precision == "fp16" and self.deepspeed.zero_stage == 0:
+            # DeepSpeed's fp16 without ZeRO keeps fp32 masters in its FP16_Optimizer only with its
+            # own fused optimizers; a client torch optimizer would step fp16 weights directly.
+            raise ValueError("deepspeed.precision='fp16' with deepspeed.zero_stage=0 is not supported; "
+                             "allowed: precision bf16/fp32, or zero_stage >= 1")
+        if self.model.unet.in_channels != self.model.autoencoder.latent_channels:
+            raise ValueError("model.unet.in_channels must equal the first stage's latent channels")
+
+
+# Groups whose change makes a checkpoint a different model: resuming across such a change is refused.
+IDENTITY_GROUPS = ("model", "diffusion")
+
+
+def config_fingerprint(config: dict) -> str:
+    """sha256 over the identity groups of a resolved config (as plain containers)."""
+    payload = {k: config.get(k) for k in IDENTITY_GROUPS}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two nested configs differ (for the resume mismatch message)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += config_differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
