@@ -183,6 +183,7 @@ def test_redact_removes_secrets_in_nested_structures():
         "shards": ["s3://user:" + PLANTED_SECRET + "@bucket/train-{000..009}.tar", "/data/local.tar"],
         "note": "uploaded with AKIAABCDEFGHIJKLMNOP and hf_" + "a" * 34,
         "empty_api_key": None,
+        "copied": "Bearer " + PLANTED_SECRET,  # what an interpolation like ${wandb.api_key} leaves behind
     }
     out = redact(config)
     assert PLANTED_SECRET not in json.dumps(out) and "AKIAABCDEFGHIJKLMNOP" not in json.dumps(out)
@@ -193,6 +194,7 @@ def test_redact_removes_secrets_in_nested_structures():
     assert out["shards"] == [f"s3://{REDACTED}@bucket/train-{{000..009}}.tar", "/data/local.tar"]
     assert out["note"] == f"uploaded with {REDACTED} and {REDACTED}"
     assert out["empty_api_key"] is None
+    assert out["copied"] == f"Bearer {REDACTED}"
     assert config["wandb"]["api_key"] == PLANTED_SECRET  # the input is not modified
 
 

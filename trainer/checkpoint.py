@@ -39,6 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load_file, save_file
 
 from trainer import distributed
+from trainer.images import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +52,6 @@ UNIVERSAL_SUFFIX = "_universal"
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path,

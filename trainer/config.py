@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
+
 from trainer.diffusion.config import DiffusionConfig
 from trainer.models.config import ModelConfig
 from trainer.sampling.samplers import SAMPLERS
@@ -263,6 +265,8 @@ class TrainConfig:
         if self.model.unet.in_channels != self.model.autoencoder.latent_channels:
             raise ValueError("model.unet.in_channels must equal the first stage's latent channels")
 
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 # Groups whose change makes a checkpoint a different model: resuming across such a change is refused.
 IDENTITY_GROUPS = ("model", "diffusion")

@@ -134,7 +134,8 @@ def _netrc_has_wandb_login(environ: Mapping[str, str]) -> bool:
 # So keep_last, monkey, key_column, token_ids, num_tokens and tokenizer are kept. A None or empty value
 # is kept as is (it reveals nothing and shows that no credential was configured). Independently of
 # keys, string values anywhere are scrubbed of AWS access key ids (AKIA/ASIA + 16), Hugging Face
-# tokens (hf_...) and the user:password part of URLs (s3://user:pass@host -> s3://***REDACTED***@host).
+# tokens (hf_...), the user:password part of URLs (s3://user:pass@host -> s3://***REDACTED***@host) and
+# copies of the values found under secret keys.
 _SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "passphrase", "credential",
                            "credentials", "apikey", "auth", "authorization"})
 _HARMLESS_BEFORE = {
@@ -144,6 +145,8 @@ _HARMLESS_BEFORE = {
     "token": frozenset({"pad", "bos", "eos", "unk", "mask", "sep", "cls", "sot", "eot", "start", "end",
                         "special", "max", "num"}),
 }
+# Shorter values under secret keys (a flag, a port) are too likely to occur by chance elsewhere.
+_MIN_ECHO_LEN = 8
 _SECRET_VALUE_PATTERNS = (
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED),
     (re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), REDACTED),
@@ -168,25 +171,58 @@ def is_secret_key(name: str) -> bool:
     return words[-3:] == ["access", "key", "id"]
 
 
-def _scrub(value: str) -> str:
-    for pattern, replacement in _SECRET_VALUE_PATTERNS:
-        value = pattern.sub(replacement, value)
-    return value
+def _is_container(value: Any) -> bool:
+    return isinstance(value, Mapping) or (isinstance(value, Sequence) and not isinstance(value, (str, bytes)))
+
+
+def _values(value: Any):
+    if isinstance(value, Mapping):
+        for v in value.values():
+            yield from _values(v)
+    elif _is_container(value):
+        for v in value:
+            yield from _values(v)
+    else:
+        yield value
 
 
 def redact(config: Mapping) -> dict:
-    """A nested copy of `config` with credentials replaced by REDACTED (rule above); the input is untouched."""
+    """A nested copy of `config` with credentials replaced by REDACTED (rule above); the input is untouched.
+
+    A secret's value is also scrubbed where it reappears under a harmless key (e.g. copied there by an
+    OmegaConf interpolation), when it is at least _MIN_ECHO_LEN characters long.
+    """
+    secret_values: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                if isinstance(k, str) and is_secret_key(k):
+                    secret_values.update(str(s) for s in _values(v) if s is not None and len(str(s)) >= _MIN_ECHO_LEN)
+                else:
+                    collect(v)
+        elif _is_container(value):
+            for v in value:
+                collect(v)
+
+    def scrub(value: str) -> str:
+        for secret in sorted(secret_values, key=len, reverse=True):
+            value = value.replace(secret, REDACTED)
+        for pattern, replacement in _SECRET_VALUE_PATTERNS:
+            value = pattern.sub(replacement, value)
+        return value
 
     def walk(value: Any) -> Any:
         if isinstance(value, Mapping):
             return {k: (REDACTED if isinstance(k, str) and is_secret_key(k) and v not in (None, "") else walk(v))
                     for k, v in value.items()}
-        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if _is_container(value):
             return [walk(v) for v in value]
         if isinstance(value, str):
-            return _scrub(value)
+            return scrub(value)
         return value
 
+    collect(config)
     return walk(config)
 
 
@@ -255,8 +291,8 @@ class RunTracker:
     is a no-op, so the loop calls them unconditionally.
 
     W&B runs with `id=run_id, resume="allow"`, so a restarted job with the same run id continues the same
-    W&B run (offline: a new offline-run-* directory whose records carry the same id; `wandb sync`
-    merges them). W&B keeps steps monotonic: after resuming from step k of an online run that had
+    W&B run (offline: a new offline-run-* directory whose records carry the same id, so `wandb sync`
+    uploads both to that run). W&B keeps steps monotonic: after resuming from step k of an online run that had
     already logged beyond k, W&B drops the replayed steps up to its last one, while metrics.jsonl is
     truncated to k and rewritten in full.
     """
@@ -290,7 +326,11 @@ class RunTracker:
             self._summary = json.loads(self._summary_path.read_text())
         self._metrics_file = open(self._metrics_path, "a", encoding="utf-8")
         if self._wandb_mode != "disabled":
-            self._wandb_run = self._init_wandb(config)
+            try:
+                self._wandb_run = self._init_wandb(config)
+            except BaseException:
+                self._metrics_file.close()
+                raise
 
         where = f" ({self.wandb_run_dir})" if self._wandb_run is not None else ""
         logger.info("run %s: W&B %s%s, run dir %s", run_id, self._wandb_mode, where, self._run_dir)

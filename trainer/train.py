@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -28,8 +27,6 @@ from trainer.config import TrainConfig, config_differences, config_fingerprint
 from trainer.tracking import RunTracker, new_run_id, redact
 
 log = logging.getLogger("trainer")
-
-ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 EXIT_NAN = 3
 
@@ -437,11 +434,6 @@ class Trainer:
         last_eval: dict[str, Any] = {}
         start_step = self.step
         t_start = time.time()
-        progress = None
-        if self.env.rank == 0 and cfg.logging.progress_bar and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            progress = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         exit_code = 0
         while self.step < cfg.train.max_steps:
             t0 = time.time()
@@ -458,16 +450,15 @@ class Trainer:
                 consecutive_nan = 0
                 if self.ema is not None and self.step > cfg.ema.start_step and self.step % cfg.ema.update_every == 0:
                     self.ema.update()
-            scalars = {"loss": out["loss"], "lr": self.engine.get_lr()[0], "step_time": step_time,
-                       "samples/s": cfg.train.global_batch_size / step_time, "samples_seen": self.samples_seen,
-                       "nan_steps": self.nan_steps, "mem_gb": _memory_gb(self.device)}
-            norm = self.engine.get_global_grad_norm()
-            if norm is not None and not out["skipped"]:
-                scalars["grad_norm"] = float(norm)
-            self.tracker.log_scalars(self.step, scalars)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{out['loss']:.4f}")
+            if self.tracker.is_log_step(self.step):
+                scalars = {"loss": out["loss"], "lr": self.engine.get_lr()[0], "step_time_s": step_time,
+                           "samples_per_s": cfg.train.global_batch_size / step_time,
+                           "samples_seen": self.samples_seen, "nan_steps": self.nan_steps,
+                           "mem_gb": _memory_gb(self.device)}
+                norm = self.engine.get_global_grad_norm()
+                if norm is not None and not out["skipped"]:
+                    scalars["grad_norm"] = float(norm)
+                self.tracker.log_scalars(self.step, scalars)
             if consecutive_nan >= cfg.train.max_consecutive_nan_steps:
                 log.error("stopping: %d consecutive steps had a non-finite loss (train.max_consecutive_nan_steps=%d); "
                           "the last checkpoint is the one to resume from after lowering optim.lr or checking the data",
@@ -483,8 +474,6 @@ class Trainer:
                 break
             if cfg.eval.interval_steps and self.step % cfg.eval.interval_steps == 0 and cfg.eval.kind != "none":
                 last_eval = self.evaluate()
-        if progress is not None:
-            progress.close()
         stop.restore()
         finished = self.step >= cfg.train.max_steps and exit_code == 0
         if finished:
