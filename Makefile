@@ -8,6 +8,9 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export HF_HUB_OFFLINE := 1
 export WANDB_DIR := $(CURDIR)/.cache/wandb
+export WANDB_CACHE_DIR := $(CURDIR)/.cache/wandb/cache
+export WANDB_CONFIG_DIR := $(CURDIR)/.cache/wandb/config
+export WANDB_DATA_DIR := $(CURDIR)/.cache/wandb/data
 export WANDB_MODE ?= offline
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 PYTEST_ARGS ?=
@@ -22,10 +25,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on the embedded default. Until the training trunk lands (issue 3) this prints the
-# plan of the paper's 1.45B model: exact parameter counts and ZeRO memory per GPU.
+# The main job on the embedded default: build the coloured-digits shards, train the tiny model with
+# DeepSpeed on the CPU, sample every digit, score the samples (W&B offline unless a key is set).
 run: install
-	$(PY) -m trainer.plan model=ldm_1p45b world_size=8 precision=bf16
+	$(PY) -m trainer.train experiment=demo $(ARGS)
 
 plan: install
 	$(PY) -m trainer.plan $(ARGS)
@@ -42,6 +45,7 @@ test-slow: install
 bench: install
 	$(PY) bench/unet_step.py
 	$(PY) bench/sampling.py
+	$(PY) bench/zero_memory.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

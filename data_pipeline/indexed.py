@@ -66,6 +66,7 @@ def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str]
         order: list[str] = []
         try:
             with fsspec.open(url, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                size = getattr(f, "size", None) or f.fs.size(f.path)
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -75,6 +76,10 @@ def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str]
                         groups[key] = {}
                         order.append(key)
                     groups[key][ext.lower()] = tar.extractfile(member).read()
+                # tarfile ends quietly at a header cut short; a complete archive still has its two
+                # zero end-of-archive blocks after the last member.
+                if size is not None and size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                    raise tarfile.ReadError(f"{size} bytes end before the end-of-archive blocks")
         except (tarfile.TarError, OSError, EOFError) as e:
             # A truncated tar still yields the members read before the damage.
             skipped["truncated_shard"] += 1

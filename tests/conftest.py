@@ -8,10 +8,13 @@ CONF_DIR = str(ROOT / "conf")
 
 # Keep every cache out of ~ even when pytest is run directly rather than through make.
 for var, sub in (("TORCH_HOME", "torch"), ("TORCH_EXTENSIONS_DIR", "torch_extensions"),
-                 ("HF_HOME", "huggingface"), ("WANDB_DIR", "wandb"), ("MPLCONFIGDIR", "matplotlib")):
+                 ("HF_HOME", "huggingface"), ("WANDB_DIR", "wandb"), ("WANDB_CACHE_DIR", "wandb/cache"),
+                 ("WANDB_CONFIG_DIR", "wandb/config"), ("WANDB_DATA_DIR", "wandb/data"),
+                 ("MPLCONFIGDIR", "matplotlib")):
     os.environ.setdefault(var, str(ROOT / ".cache" / sub))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
 
 
 @pytest.fixture

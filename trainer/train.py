@@ -472,7 +472,8 @@ class Trainer:
                 log.warning("stopped by %s after step %d with a checkpoint; run the same command to resume",
                             stop.received or "a signal on another rank", self.step)
                 break
-            if cfg.eval.interval_steps and self.step % cfg.eval.interval_steps == 0 and cfg.eval.kind != "none":
+            scheduled = [n for n in (cfg.eval.interval_steps, cfg.logging.image_interval_steps) if n]
+            if any(self.step % n == 0 for n in scheduled) and self.step < cfg.train.max_steps:
                 last_eval = self.evaluate()
         stop.restore()
         finished = self.step >= cfg.train.max_steps and exit_code == 0
@@ -534,7 +535,12 @@ def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
         distributed.destroy_process_group()
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train")
+# An absolute path: the app also runs when trainer.train is imported (a launcher, a test), not only
+# as ``python -m trainer.train``, where Hydra would otherwise look for a Python package ``conf``.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def main(dict_cfg: DictConfig) -> None:
     # Validation of every group runs here, before anything is built.
     cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
