@@ -3,7 +3,7 @@ ZeRO paper's formula (Rajbhandari et al. 2020, Sec. 3 / Fig. 1; ``trainer/zero_m
 step time of each stage relative to stage 0 in the same run.
 
     python bench/zero_memory.py [--preset tiny|small] [--precisions bf16,fp32] [--stages 0,1,2,3]
-                                [--steps 8] [--warmup 2] [--batch 2] [--nproc 2] [--out results.json]
+                                [--steps 6] [--warmup 1] [--batch 2] [--nproc 2] [--out results.json]
 
 Started without a launcher (no ``RANK`` in the environment) it re-runs itself under
 ``torch.distributed.run`` with ``--nproc`` CPU ranks (gloo, ``DS_ACCELERATOR=cpu``, one OpenMP thread
@@ -105,8 +105,8 @@ class BenchConfig:
     preset: str = "small"
     precisions: list[str] = field(default_factory=lambda: ["bf16", "fp32"])
     stages: list[int] = field(default_factory=lambda: list(STAGES))
-    steps: int = 8
-    warmup: int = 2
+    steps: int = 6
+    warmup: int = 1
     batch: int = 2
     nproc: int = 2
 
@@ -438,8 +438,8 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, str | None]:
     parser.add_argument("--preset", default="small", help=f"one of {', '.join(PRESETS)}")
     parser.add_argument("--precisions", default="bf16,fp32")
     parser.add_argument("--stages", default="0,1,2,3")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the results as JSON here")

@@ -45,9 +45,6 @@ def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int, gradient_ac
         # DeepSpeed vets optimizers by class; ours is torch's AdamW / its FusedAdam with a skip switch.
         "zero_allow_untested_optimizer": True,
     }
-    if cfg.precision == "bf16" and cfg.zero_stage == 0:
-        # Stage 0 + bf16 keeps fp32 master weights in DeepSpeed's BF16_Optimizer; accumulate in fp32.
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 
 
