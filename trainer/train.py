@@ -520,6 +520,15 @@ class Trainer:
 
 def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
     env = distributed.detect_env()
+    if env.launcher == "single" and "MASTER_PORT" not in os.environ:
+        # A one-process job still needs a (gloo) group for DeepSpeed; a free port lets several such
+        # jobs share a machine.
+        import dataclasses
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            env = dataclasses.replace(env, master_port=sock.getsockname()[1])
     _setup_logging(Path(cfg.run_dir), env.rank)
     trainer = Trainer(cfg, config_dict, env)
     import deepspeed
