@@ -2,9 +2,7 @@ import io
 import json
 import logging
 import math
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from trainer.tracking import (REDACTED, LoggingConfig, RunTracker, format_consol
 PLANTED_SECRET = "sk-planted-0123456789abcdef"
 
 
-from wandb_records import history_by_step, offline_run_files, read_wandb_records, run_record  # noqa: E402
+from wandb_records import _nest, history_by_step, offline_run_files, read_wandb_records, run_record  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
