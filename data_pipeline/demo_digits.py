@@ -21,13 +21,14 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from trainer.images import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ class DigitClassifier:
         return json.dumps(payload, sort_keys=True)
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write_bytes(Path(path), self.to_json().encode())
+        atomic_write_bytes(Path(path), self.to_json().encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DigitClassifier:
@@ -281,24 +282,6 @@ class DigitClassifier:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
@@ -385,7 +368,7 @@ def build_digits_shards(out_dir: str | os.PathLike, *, image_size: int = 32,
                         "source": SOURCE, "source_index": source_index, "split": split}
                 members.extend(_sample_members(key, rgb, meta))
             name = f"{split}-{shard_id:06d}.tar"
-            _atomic_write_bytes(out / name, _tar_bytes(members))
+            atomic_write_bytes(out / name, _tar_bytes(members))
             names.append(name)
             sizes.append(len(members) // 3)
         written[split], counts[split] = names, sizes
@@ -419,7 +402,7 @@ def build_digits_shards(out_dir: str | os.PathLike, *, image_size: int = 32,
         "classifier": {"file": CLASSIFIER_NAME, "accuracy_val_digits": acc_digits,
                        "accuracy_val_rendered": acc_rendered},
     }
-    _atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     log.info("digits dataset: %d train / %d val samples in %s; classifier accuracy %.3f (8x8 val), "
              "%.3f (rendered val)", sum(counts["train"]), sum(counts["val"]), out, acc_digits, acc_rendered)
     return read_digits_manifest(out)

@@ -204,9 +204,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypat
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(demo_digits.os, "replace", failing_replace)
+    from trainer import images  # the dataset build writes every file through it
+
+    monkeypatch.setattr(images.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        demo_digits._atomic_write_bytes(target, b"new")
+        images.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["manifest.json"]
 

@@ -205,7 +205,7 @@ class _FakeEngine:
 
 
 def test_store_pointer_and_keep_last(tmp_path: Path) -> None:
-    store = CheckpointStore(str(tmp_path / "ckpt"), tmp_path / "work", rank=0, world_size=1)
+    store = CheckpointStore(str(tmp_path / "ckpt"), tmp_path / "work", rank=0)
     assert store.latest_tag() is None
     for step in (2, 4, 6, 8):
         store.save(_FakeEngine(), {"w": torch.ones(2)}, {"step": step, "world_size": 1})

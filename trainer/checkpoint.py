@@ -36,6 +36,7 @@ import fsspec
 import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trainer import distributed
@@ -108,13 +109,12 @@ class ResumePoint:
 class CheckpointStore:
     """One checkpoint root; every rank builds one (only rank 0 writes the pointer)."""
 
-    def __init__(self, root: str, work_dir: str | os.PathLike, *, rank: int, world_size: int,
-                 local_rank: int = 0) -> None:
+    def __init__(self, root: str, work_dir: str | os.PathLike, *, rank: int, local_rank: int = 0) -> None:
         self.url = root
         self.fs, self.root = fsspec.core.url_to_fs(root)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.work_dir = Path(work_dir)
-        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.rank, self.local_rank = rank, local_rank
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -223,7 +223,7 @@ def needs_universal(state: dict[str, Any], world_size: int) -> bool:
     return int(state["zero_stage"]) >= 1 or state["precision"] != "fp32"
 
 
-def convert_to_universal(point: ResumePoint, work_dir: Path, *, rank: int) -> tuple[Path, str]:
+def convert_to_universal(point: ResumePoint, work_dir: Path, *, rank: int, world_size: int) -> tuple[Path, str]:
     """Convert ``point`` with DeepSpeed's ``ds_to_universal`` (rank 0; the others wait).
 
     ``--inject_missing_state`` adds the parameter-shape and partition metadata that ZeRO 1/2
@@ -239,7 +239,7 @@ def convert_to_universal(point: ResumePoint, work_dir: Path, *, rank: int) -> tu
                "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
         log.info("checkpoint %s was written by %s ranks, this job has %s: converting it to DeepSpeed's "
                  "universal format in %s", point.tag, point.state["world_size"],
-                 distributed_world_size(), out)
+                 world_size, out)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed on {point.local_dir / point.tag} "
@@ -249,23 +249,14 @@ def convert_to_universal(point: ResumePoint, work_dir: Path, *, rank: int) -> tu
     return work_dir, tag
 
 
-def distributed_world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def load_rng(point_dir: Path, rank: int) -> None:
     path = point_dir / f"rng_rank{rank:05d}.safetensors"
     if not path.exists():
         log.warning("no RNG state for rank %d in %s (resumed on more ranks than saved); seeding fresh",
                     rank, point_dir)
         return
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    set_rng_state(load_file(str(path)), meta)
+    with safe_open(str(path), framework="pt") as f:  # tensors and metadata in one read
+        set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
 
 
 def load_ema(point_dir: Path) -> Optional[dict[str, torch.Tensor]]:

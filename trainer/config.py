@@ -262,8 +262,6 @@ class TrainConfig:
             # own fused optimizers; a client torch optimizer would step fp16 weights directly.
             raise ValueError("deepspeed.precision='fp16' with deepspeed.zero_stage=0 is not supported; "
                              "allowed: precision bf16/fp32, or zero_stage >= 1")
-        if self.model.unet.in_channels != self.model.autoencoder.latent_channels:
-            raise ValueError("model.unet.in_channels must equal the first stage's latent channels")
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)

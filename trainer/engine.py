@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -145,14 +145,3 @@ def initialize(module: nn.Module, trainable: dict[str, nn.Module], *, ds: DeepSp
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
     return engine, optimizer
-
-
-def trainable_named_parameters(module: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    return ((n, p) for n, p in module.named_parameters() if p.requires_grad)
-
-
-def global_grad_norm(engine) -> Optional[float]:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm)

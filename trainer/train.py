@@ -149,7 +149,7 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         self.store = ckpt.CheckpointStore(self.paths.checkpoint_dir, self.paths.work_dir, rank=env.rank,
-                                          world_size=env.world_size, local_rank=env.local_rank)
+                                          local_rank=env.local_rank)
         self.resume_point = self._find_resume()
         self.samples, self.digits_info = load_training_data(cfg, env)
         self.batches = InMemoryBatches(self.samples, cfg.data.seed, rank=env.rank, world_size=env.world_size,
@@ -213,9 +213,8 @@ class Trainer:
             from trainer.checkpoint import CheckpointStore
 
             root, _, tag = resume.rstrip("/").rpartition("/")
-            self.store_for_resume = CheckpointStore(root, self.paths.work_dir, rank=self.env.rank,
-                                                    world_size=self.env.world_size, local_rank=self.env.local_rank)
-            point = self.store_for_resume.resolve(tag)
+            point = CheckpointStore(root, self.paths.work_dir, rank=self.env.rank,
+                                    local_rank=self.env.local_rank).resolve(tag)
             self._check_compatible(point.state)
             return point
         if tag is None:
@@ -238,7 +237,8 @@ class Trainer:
 
         load_dir, tag = point.local_dir, point.tag
         if load_universal:
-            load_dir, tag = ckpt.convert_to_universal(point, self.paths.work_dir, rank=self.env.rank)
+            load_dir, tag = ckpt.convert_to_universal(point, self.paths.work_dir, rank=self.env.rank,
+                                                      world_size=self.env.world_size)
             log.info("resuming %s saved on %s ranks on %d ranks through its universal conversion",
                      point.tag, point.state["world_size"], self.env.world_size)
         path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
@@ -303,8 +303,6 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``accum`` micro-batches; a non-finite loss anywhere skips it."""
-        from trainer import distributed as d
-
         skip_step = False
         loss_sum = 0.0
         inject = self.step in set(self.cfg.train.inject_nan_at_steps)
@@ -312,14 +310,14 @@ class Trainer:
             loss = self._micro_batch_loss(batch)
             if inject:
                 loss = loss * float("nan")
-            nonfinite = d.any_rank(not bool(torch.isfinite(loss).item()), self.device)
+            nonfinite = distributed.any_rank(not bool(torch.isfinite(loss).item()), self.device)
             skip_step = skip_step or nonfinite
             self.optimizer.skip_next_step = skip_step
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += float(loss.detach())
         self.optimizer.skip_next_step = False
-        loss_mean = float(d.all_reduce_mean(torch.tensor([loss_sum / self.accum], device=self.device)).item())
+        loss_mean = float(distributed.all_reduce_mean(torch.tensor([loss_sum / self.accum], device=self.device)).item())
         return {"loss": loss_mean, "skipped": skip_step}
 
     # ------------------------------------------------------------------ checkpoint / samples

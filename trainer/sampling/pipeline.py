@@ -34,6 +34,11 @@ def text_to_image(unet: nn.Module, encode: Callable[[list[str]], torch.Tensor], 
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     sample_fn = get_sampler(sampler)
     schedule = schedule.to(device)
+    uncond = encode([negative_prompt]).to(dtype)  # (1, L, D)
+
+    def model(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return unet(x.to(dtype), t, c).float()
+
     out = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = list(prompts[start:start + batch_size])
@@ -41,11 +46,6 @@ def text_to_image(unet: nn.Module, encode: Callable[[list[str]], torch.Tensor], 
         x_T = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(s)))
                            for s in batch_seeds]).to(device)  # (B, C, h, w)
         context = encode(batch_prompts).to(dtype)  # (B, L, D)
-        uncond = encode([negative_prompt]).to(dtype)  # (1, L, D)
-
-        def model(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return unet(x.to(dtype), t, c).float()
-
         model_fn = cfg_model_fn(model, context, uncond, guidance_scale)
         generator = torch.Generator().manual_seed(int(batch_seeds[0]))
         latents = sample_fn(model_fn, x_T, schedule, num_steps=num_steps, generator=generator)
