@@ -10,21 +10,18 @@ uninterrupted job would have used.
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import torch
-from PIL import Image
+
+from data_pipeline.decode import BadSample, Transform, decode_sample
+from data_pipeline.shards import ShardEnd, ShardTask, read_shard
+from data_pipeline.sources import RetryPolicy, expand_urls
 
 log = logging.getLogger(__name__)
-
-# Decompression-bomb guard: refuse images above this many pixels before decoding them.
-MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -35,76 +32,31 @@ class Samples:
     skipped: Counter = field(default_factory=Counter)
 
 
-def expand_urls(urls: list[str] | str) -> list[str]:
-    import braceexpand
-
-    if isinstance(urls, str):
-        urls = [urls]
-    out: list[str] = []
-    for url in urls:
-        out.extend(braceexpand.braceexpand(url))
-    return out
-
-
-def _resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    w, h = img.size
-    scale = size / min(w, h)
-    if scale != 1.0:
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
 def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str], caption_key: str,
                 storage_options: dict | None = None) -> Samples:
-    """Read every sample of the shards into memory; bad samples are skipped and counted by reason."""
+    """Read every sample of the shards into memory (center crops); bad samples are skipped and counted
+    by reason, with the same reader and decoder as the streaming pipeline."""
     images, captions, keys = [], [], []
     skipped: Counter = Counter()
-    for url in expand_urls(urls):
-        groups: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
-        try:
-            with fsspec.open(url, "rb", **(storage_options or {})) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                size = getattr(f, "size", None) or f.fs.size(f.path)
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base, _, ext = member.name.rpartition("/")[2].partition(".")
-                    key = member.name.rpartition("/")[0] + "/" + base if "/" in member.name else base
-                    if key not in groups:
-                        groups[key] = {}
-                        order.append(key)
-                    groups[key][ext.lower()] = tar.extractfile(member).read()
-                # tarfile ends quietly at a header cut short; a complete archive still has its two
-                # zero end-of-archive blocks after the last member.
-                if size is not None and size < tar.offset + 2 * tarfile.BLOCKSIZE:
-                    raise tarfile.ReadError(f"{size} bytes end before the end-of-archive blocks")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            # A truncated tar still yields the members read before the damage.
-            skipped["truncated_shard"] += 1
-            log.warning("shard %s is damaged (%s); using the %d samples read before the damage", url, e, len(order))
-        for key in order:
-            parts = groups[key]
-            image_ext = next((k for k in image_keys if k in parts), None)
-            if image_ext is None:
-                skipped["missing_image"] += 1
-                continue
-            if caption_key not in parts:
-                skipped["missing_caption"] += 1
+    transform = Transform(crop="center")
+    rng = np.random.default_rng(0)  # unused by center crops without flips
+    for shard, url in enumerate(expand_urls(urls, storage_options=storage_options)):
+        for item in read_shard(ShardTask(shard, url), storage_options or {}, RetryPolicy(max_retries=2)):
+            if isinstance(item, ShardEnd):
+                if item.status != "ok":
+                    skipped[f"{item.status}_shard"] += 1
+                    log.warning("shard %s is %s (%s); using the %d samples read before the damage",
+                                url, item.status, item.error, item.count)
                 continue
             try:
-                with Image.open(io.BytesIO(parts[image_ext])) as img:
-                    if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
-                        skipped["oversized_image"] += 1
-                        continue
-                    rgb = _resize_center_crop(img.convert("RGB"), image_size)
-            except (OSError, ValueError, Image.DecompressionBombError):
-                skipped["undecodable_image"] += 1
+                out = decode_sample(item.parts, image_keys=image_keys, caption_key=caption_key,
+                                    image_size=image_size, transform=transform, rng=rng)
+            except BadSample as bad:
+                skipped[bad.reason] += 1
                 continue
-            images.append(torch.from_numpy(rgb).permute(2, 0, 1))  # (3, S, S)
-            captions.append(parts[caption_key].decode("utf-8", errors="replace").strip())
-            keys.append(key)
+            images.append(torch.from_numpy(out.example.image).permute(2, 0, 1))  # (3, S, S)
+            captions.append(out.caption)
+            keys.append(item.key)
     if not images:
         raise ValueError(f"no usable samples in {urls!r} (skipped: {dict(skipped)})")
     if skipped:
@@ -169,6 +121,21 @@ class InMemoryBatches:
                 "num_samples": len(self.samples.captions),
                 "epoch": samples_seen // len(self.samples.captions)}
 
+    def skip_counts(self, device=None) -> dict[str, int]:
+        """Samples skipped when the shards were read (the same on every rank)."""
+        return dict(self.samples.skipped)
+
+    def close(self) -> None:
+        pass
+
+    def example_captions(self, n: int) -> list[str]:
+        return sorted(set(self.samples.captions))[:n]
+
+    def load_state_dict(self, state: dict, *, reset: bool = False) -> None:
+        """The in-memory order is a function of ``samples_seen``: only check it was saved for this data."""
+        if not reset:
+            self.check_state(state)
+
     def check_state(self, state: dict) -> None:
         if state.get("kind") != "in_memory":
             return
@@ -176,4 +143,4 @@ class InMemoryBatches:
         theirs = {k: state.get(k) for k in mine}
         if mine != theirs:
             raise ValueError(f"the checkpoint's data position was saved for {theirs}, this job reads {mine}; "
-                             f"set checkpoint.allow_config_change=true to restart the data order")
+                             f"set data.reset_position=true to restart the data order")

@@ -27,3 +27,26 @@ def compose():
             return hydra_compose(config_name=config_name, overrides=overrides or [])
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the whole session, with test AWS credentials in the env."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[test]')")
+    from s3_server import TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, MotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY)
+        mp.setenv("AWS_DEFAULT_REGION", TEST_REGION)
+        with MotoServer() as server:
+            yield server
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """A FaultProxy in front of the session's moto server; point s3fs at ``fault_proxy.endpoint_url``."""
+    from s3_server import FaultProxy
+
+    with FaultProxy(s3_server.host, s3_server.port) as proxy:
+        yield proxy

@@ -24,6 +24,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("digits", "webdataset")
+DATA_MODES = ("epoch", "resampled")
+CROPS = ("center", "random")
 EVAL_KINDS = ("none", "digits")
 ACTIVATION_CHECKPOINTING = ("none", "res", "transformer", "all")
 
@@ -38,31 +40,139 @@ def _check_int(group: str, key: str, value: Any, minimum: int) -> None:
 
 
 @dataclass
+class S3Config:
+    """s3fs settings for ``s3://`` shard URLs; credentials come from the AWS environment/profiles."""
+
+    endpoint_url: Optional[str] = None  # S3-compatible stores (Ceph, R2, a local test server)
+    profile: Optional[str] = None
+    anon: bool = False
+    region: Optional[str] = None
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    max_attempts: int = 3  # botocore's retries per request; data.retry retries whole shard reads
+
+    def __post_init__(self) -> None:
+        for key in ("connect_timeout_s", "read_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise _bad("data.s3", key, getattr(self, key), "a float > 0")
+        _check_int("data.s3", "max_attempts", self.max_attempts, 1)
+
+
+@dataclass
+class RetryConfig:
+    """Backoff for shards that fail to open or read (S3 errors, timeouts); then the shard is skipped."""
+
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_int("data.retry", "max_retries", self.max_retries, 0)
+        if not 0 <= self.backoff_s <= self.max_backoff_s:
+            raise _bad("data.retry", "backoff_s", self.backoff_s, f"a float in [0, max_backoff_s={self.max_backoff_s}]")
+
+
+@dataclass
+class FilterConfig:
+    """Filters on img2dataset metadata; a sample failing one is skipped and counted as filtered_*."""
+
+    min_size: int = 0  # smaller side of the stored image, pixels
+    max_aspect_ratio: float = 0.0  # max(w/h, h/w); 0 = off
+    min_caption_length: int = 0
+    max_caption_length: int = 0  # 0 = off
+    min_scores: dict[str, float] = field(default_factory=dict)  # e.g. {similarity: 0.28, aesthetic: 5.0}
+    max_scores: dict[str, float] = field(default_factory=dict)  # e.g. {pwatermark: 0.5}
+
+    def __post_init__(self) -> None:
+        _check_int("data.filters", "min_size", self.min_size, 0)
+        _check_int("data.filters", "min_caption_length", self.min_caption_length, 0)
+        _check_int("data.filters", "max_caption_length", self.max_caption_length, 0)
+        if self.max_aspect_ratio and self.max_aspect_ratio < 1.0:
+            raise _bad("data.filters", "max_aspect_ratio", self.max_aspect_ratio, "0 (off) or a float >= 1")
+
+
+@dataclass
+class BucketConfig:
+    """Aspect-ratio bucketing: batches of one bucket each, buckets of about image_size**2 pixels."""
+
+    enabled: bool = False
+    step: int = 64  # bucket sides are multiples of this (a multiple of the UNet's total downsampling x 8)
+    max_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_int("data.buckets", "step", self.step, 8)
+        if not self.max_ratio >= 1.0:
+            raise _bad("data.buckets", "max_ratio", self.max_ratio, "a float >= 1")
+
+
+@dataclass
 class DataConfig:
     """Where training images and captions come from.
 
     ``digits`` builds the embedded coloured-digits dataset (scikit-learn's handwritten digits) into
-    ``root`` on first use; ``webdataset`` reads the shards ``urls`` names (a brace pattern or a list).
+    ``root`` on first use and holds it in memory (its order resumes bitwise). ``webdataset`` streams
+    the shards ``urls`` names (brace patterns, globs, list files; any fsspec URL) - or several
+    ``sources`` ({name, urls, weight}) mixed by weight - with an exact, elastic position.
     """
 
     kind: str = "digits"
     root: str = ".cache/data/digits"
     urls: list[str] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for non-local URLs
+    s3: S3Config = field(default_factory=S3Config)
     image_size: int = 32
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "png", "webp"])
-    caption_key: str = "txt"
+    caption_key: str = "txt"  # or json:<field>
     seed: int = 0
+    mode: str = "epoch"  # epoch | resampled (shards drawn with replacement)
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 1000  # raw samples per reader; 0 = no sample shuffling
+    num_workers: int = 2  # dataloader workers per rank
+    prefetch_factor: int = 2
+    crop: str = "center"  # center | random
+    flip_prob: float = 0.0
+    max_pixels: int = 8192 * 8192  # larger images are skipped before decoding (decompression bombs)
+    draft: bool = True  # JPEG reduced-scale decoding
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    # Start the data afresh on resume instead of refusing a position saved for other data.
+    reset_position: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise _bad("data", "kind", self.kind, f"one of {DATA_KINDS}")
         _check_int("data", "image_size", self.image_size, 8)
-        if self.kind == "webdataset" and not self.urls:
-            raise _bad("data", "urls", self.urls, "one or more shard URLs (brace patterns allowed) "
-                       "when data.kind='webdataset'")
+        if self.kind == "webdataset" and not (self.urls or self.sources):
+            raise _bad("data", "urls", self.urls, "one or more shard URLs (brace patterns, globs, list files) "
+                       "or data.sources when data.kind='webdataset'")
+        if self.urls and self.sources:
+            raise _bad("data", "sources", "...", "either data.urls or data.sources, not both")
+        for i, src in enumerate(self.sources):
+            unknown = set(src) - {"name", "urls", "weight"}
+            if unknown or not src.get("urls"):
+                raise _bad("data", f"sources[{i}]", dict(src), "a mapping with urls (and optional name, weight)")
+            if not float(src.get("weight", 1.0)) > 0:
+                raise _bad("data", f"sources[{i}].weight", src.get("weight"), "a float > 0")
         if not self.image_keys:
             raise _bad("data", "image_keys", self.image_keys, "at least one image extension")
+        if not self.caption_key or self.caption_key == "json:":
+            raise _bad("data", "caption_key", self.caption_key, "a part extension (txt) or json:<field>")
         _check_int("data", "seed", self.seed, 0)
+        if self.mode not in DATA_MODES:
+            raise _bad("data", "mode", self.mode, f"one of {DATA_MODES}")
+        _check_int("data", "shuffle_buffer", self.shuffle_buffer, 0)
+        _check_int("data", "num_workers", self.num_workers, 0)
+        _check_int("data", "prefetch_factor", self.prefetch_factor, 1)
+        if self.crop not in CROPS:
+            raise _bad("data", "crop", self.crop, f"one of {CROPS}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise _bad("data", "flip_prob", self.flip_prob, "a float in [0, 1]")
+        _check_int("data", "max_pixels", self.max_pixels, 1)
+        if self.buckets.enabled and self.image_size % self.buckets.step:
+            raise _bad("data", "image_size", self.image_size, f"a multiple of data.buckets.step={self.buckets.step} "
+                       "when bucketing")
 
 
 @dataclass

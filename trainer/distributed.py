@@ -472,3 +472,21 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_reduce_sum(values: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sum over ranks of a tensor (a copy on the CPU); ``device`` is where the backend reduces it."""
+    out = values.detach().clone()
+    if _active():
+        out = out.to(device)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (small, trusted objects between our own ranks only)."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -99,31 +99,44 @@ def _memory_gb(device: torch.device) -> float:
 
 
 def load_training_data(cfg: TrainConfig, env: distributed.DistEnv):
-    """Build the digits dataset when the demo asks for it (rank 0; others wait), then read the shards.
-    Returns (samples, digits_info or None)."""
+    """The in-memory digits demo data: built by rank 0 on first use (others wait), then read.
+    Returns (samples, digits_info)."""
+    from data_pipeline.demo_digits import build_digits_shards, read_digits_manifest
     from data_pipeline.indexed import load_shards
 
-    digits_info = None
-    urls = list(cfg.data.urls)
-    if cfg.data.kind == "digits":
-        from data_pipeline.demo_digits import build_digits_shards, read_digits_manifest
-
-        root = Path(cfg.data.root)
-        if env.rank == 0:
-            try:
-                info = read_digits_manifest(root)
-                if info.image_size != cfg.data.image_size or info.seed != cfg.data.seed:
-                    raise FileNotFoundError
-            except (FileNotFoundError, ValueError):
-                log.info("building the digits dataset in %s", root)
-                build_digits_shards(root, image_size=cfg.data.image_size, seed=cfg.data.seed)
-        distributed.barrier()
-        digits_info = read_digits_manifest(root)
-        urls = [digits_info.train_url]
-    samples = load_shards(urls, image_size=cfg.data.image_size, image_keys=list(cfg.data.image_keys),
-                          caption_key=cfg.data.caption_key)
-    log.info("training data: %d samples from %s", len(samples.captions), urls)
+    root = Path(cfg.data.root)
+    if env.rank == 0:
+        try:
+            info = read_digits_manifest(root)
+            if info.image_size != cfg.data.image_size or info.seed != cfg.data.seed:
+                raise FileNotFoundError
+        except (FileNotFoundError, ValueError):
+            log.info("building the digits dataset in %s", root)
+            build_digits_shards(root, image_size=cfg.data.image_size, seed=cfg.data.seed)
+    distributed.barrier()
+    digits_info = read_digits_manifest(root)
+    samples = load_shards([digits_info.train_url], image_size=cfg.data.image_size,
+                          image_keys=list(cfg.data.image_keys), caption_key=cfg.data.caption_key)
+    log.info("training data: %d samples from %s", len(samples.captions), digits_info.train_url)
     return samples, digits_info
+
+
+def build_batches(cfg: TrainConfig, env: distributed.DistEnv, accum: int, device: torch.device):
+    """The trainer's batch source: the in-memory digits, or streamed webdataset shards.
+    Returns (batches, digits_info or None)."""
+    if cfg.data.kind == "digits":
+        from data_pipeline.indexed import InMemoryBatches
+
+        samples, digits_info = load_training_data(cfg, env)
+        return InMemoryBatches(samples, cfg.data.seed, rank=env.rank, world_size=env.world_size,
+                               micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation=accum), digits_info
+    from data_pipeline.stream import StreamingBatches, spec_from_config
+
+    spec = spec_from_config(cfg.data, cfg.train.micro_batch_size)
+    log.info("streaming %s", ", ".join(f"{s.name}: {s.num_shards} shards" for s in spec.sources))
+    return StreamingBatches(spec, rank=env.rank, world_size=env.world_size, gradient_accumulation=accum,
+                            num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+                            pin_memory=device.type == "cuda"), None
 
 
 class Trainer:
@@ -145,16 +158,11 @@ class Trainer:
         from trainer.diffusion import build_diffusion
         from trainer.ema import EMA
         from trainer.models.config import build_components
-        from data_pipeline.indexed import InMemoryBatches
-
         cfg, env = self.cfg, self.env
         self.store = ckpt.CheckpointStore(self.paths.checkpoint_dir, self.paths.work_dir, rank=env.rank,
                                           local_rank=env.local_rank)
         self.resume_point = self._find_resume()
-        self.samples, self.digits_info = load_training_data(cfg, env)
-        self.batches = InMemoryBatches(self.samples, cfg.data.seed, rank=env.rank, world_size=env.world_size,
-                                       micro_batch_size=cfg.train.micro_batch_size,
-                                       gradient_accumulation=self.accum)
+        self.batches, self.digits_info = build_batches(cfg, env, self.accum, self.device)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         parts = build_components(cfg.model, device="cpu")
@@ -249,8 +257,7 @@ class Trainer:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.nan_steps = int(state.get("nan_steps", 0))
         self.run_id = state.get("wandb_run_id")
-        if not self.cfg.checkpoint.allow_config_change:
-            self.batches.check_state(state["data"])
+        self.batches.load_state_dict(state["data"], reset=self.cfg.data.reset_position)
         ckpt.load_rng(point.local_dir / point.tag, self.env.rank)
         if self.ema is not None:
             ema_state = ckpt.load_ema(point.local_dir / point.tag)
@@ -373,7 +380,7 @@ class Trainer:
             colors = list(PALETTE)
             return [caption_for(d, colors[(d + k) % len(colors)])
                     for d in range(len(DIGIT_NAMES)) for k in range(cfg.eval.samples_per_prompt)]
-        base = list(cfg.eval.prompts) or sorted(set(self.samples.captions))[:8]
+        base = list(cfg.eval.prompts) or self.batches.example_captions(8)
         return [p for p in base for _ in range(cfg.eval.samples_per_prompt)]
 
     def evaluate(self) -> dict[str, Any]:
@@ -453,6 +460,8 @@ class Trainer:
                            "samples_per_s": cfg.train.global_batch_size / step_time,
                            "samples_seen": self.samples_seen, "nan_steps": self.nan_steps,
                            "mem_gb": _memory_gb(self.device)}
+                skipped = self.batches.skip_counts(self.device)
+                scalars.update({f"data/skipped_{r}": n for r, n in skipped.items() if n})
                 norm = self.engine.get_global_grad_norm()
                 if norm is not None and not out["skipped"]:
                     scalars["grad_norm"] = float(norm)
@@ -481,8 +490,12 @@ class Trainer:
             if cfg.eval.kind != "none" or cfg.eval.prompts:
                 last_eval = self.evaluate() or last_eval
         elapsed = time.time() - t_start
+        skipped = {r: n for r, n in self.batches.skip_counts(self.device).items() if n}
+        if skipped:
+            log.warning("data samples skipped so far, by reason: %s", skipped)
         if self.env.rank == 0:
-            self._write_metrics(start_step, elapsed, finished, last_eval)
+            self._write_metrics(start_step, elapsed, finished, {**last_eval, "data_skipped": skipped})
+        self.batches.close()
         self.tracker.finish(exit_code)
         return exit_code
 

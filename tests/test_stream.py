@@ -1,0 +1,293 @@
+"""The streaming pipeline: exactly-once elastic resume, bad data counted, S3 through a real server
+(and through its failure), bucketing, per-sample determinism, clear errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from corpus import build_clean_corpus, build_corrupt_corpus, corpus_keys
+from data_pipeline.decode import Transform
+from data_pipeline.position import Progress, SourceInfo
+from data_pipeline.sources import RetryPolicy, S3Options, expand_urls
+from data_pipeline.stream import EmptySourceError, StreamingBatches, StreamSpec
+
+N_SHARDS, PER_SHARD = 6, 10
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> tuple[list[str], set[str]]:
+    root = tmp_path_factory.mktemp("clean")
+    urls = build_clean_corpus(root, n_shards=N_SHARDS, per_shard=PER_SHARD)
+    return urls, corpus_keys(root)
+
+
+def _spec(urls, *, batch_size=4, shuffle_buffer=8, **kw) -> StreamSpec:
+    return StreamSpec(sources=(SourceInfo("default", tuple(urls)),), weights=(1.0,), image_size=16,
+                      batch_size=batch_size, shuffle_buffer=shuffle_buffer, **kw)
+
+
+class Job:
+    """``world`` ranks of one job, stepped together as the trainer steps them."""
+
+    def __init__(self, spec: StreamSpec, world: int, workers: int, state: dict | None = None) -> None:
+        self.spec = spec
+        self.ranks = [StreamingBatches(spec, rank=r, world_size=world, num_workers=workers) for r in range(world)]
+        if state is not None:
+            for r in self.ranks:
+                r.load_state_dict(state)
+        self.delivered: list[tuple] = []  # (epoch, key) of every sample consumed
+
+    def step(self) -> None:
+        for r in self.ranks:
+            batch = r.next_batch()
+            self.delivered += [(i[1], k) for i, k in zip(batch["ids"], batch["keys"])]
+
+    def state(self) -> dict:
+        return Progress.merged([r.progress.to_state() for r in self.ranks], self.spec.sources)
+
+    def epoch_closed(self, epoch: int) -> bool:
+        return self.state()["sources"]["default"]["first_open_epoch"] > epoch
+
+    def close(self) -> None:
+        for r in self.ranks:
+            r.close()
+
+
+@pytest.mark.parametrize("resume_layout", [(2, 2), (1, 1), (1, 3)], ids=["same-2x2", "1x1", "1x3"])
+def test_each_sample_once_per_epoch_across_an_elastic_resume(clean, resume_layout) -> None:
+    urls, keys = clean
+    spec = _spec(urls)
+    stop_at = random.Random(str(resume_layout)).randint(1, 5)  # a random step inside epoch 0
+    first = Job(spec, world=2, workers=2)
+    for _ in range(stop_at):
+        first.step()
+    state = json.loads(json.dumps(first.state()))  # what a checkpoint holds
+    first.close()
+    second = Job(spec, *resume_layout, state=state)
+    steps = 0
+    while not second.epoch_closed(0):
+        second.step()
+        steps += 1
+        assert steps < 100, "epoch 0 never closed"
+    second.close()
+    epoch0 = [k for e, k in first.delivered + second.delivered if e == 0]
+    assert len(epoch0) == len(set(epoch0)), f"duplicates: {[k for k, n in Counter(epoch0).items() if n > 1]}"
+    assert set(epoch0) == keys
+    # Epoch 1 goes on from where the second job is, without repeating within the epoch either.
+    epoch1 = [k for e, k in second.delivered if e == 1]
+    assert len(epoch1) == len(set(epoch1))
+
+
+def test_resume_state_round_trips_and_is_compact(clean) -> None:
+    urls, _ = clean
+    job = Job(_spec(urls, shuffle_buffer=20), world=1, workers=0)
+    for _ in range(3):
+        job.step()
+    state = job.state()
+    ep = state["sources"]["default"]["epochs"]["0"]
+    holes = sum(len(p["holes"]) for p in ep["partial"].values())
+    assert 0 < holes <= 20 + 4  # samples still in the buffer, at most a buffer and a batch
+    again = Progress(job.spec.sources, seed=0, mode="epoch")
+    again.load_state(state)
+    assert Progress.merged([again.to_state()], job.spec.sources)["sources"] == state["sources"]
+    job.close()
+
+
+def test_mismatched_position_names_what_differs(clean, tmp_path: Path) -> None:
+    urls, _ = clean
+    job = Job(_spec(urls), world=1, workers=0)
+    job.step()
+    state = job.state()
+    job.close()
+    other = StreamingBatches(_spec(urls[:-1]), rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"(?s)saved 6 shards .* now 5.*data.reset_position=true"):
+        other.load_state_dict(state)
+    reseeded = StreamingBatches(_spec(urls, seed=1), rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"data.seed: saved 0, now 1"):
+        reseeded.load_state_dict(state)
+    reseeded.load_state_dict(state, reset=True)  # the user asks to start afresh
+    assert reseeded.next_batch()["ids"][0][1] == 0
+
+
+def test_too_few_shards_for_the_readers_is_a_clear_error(clean) -> None:
+    urls, _ = clean
+    with pytest.raises(ValueError, match=r"has 2 shard\(s\) but 2 rank\(s\) x 2 worker\(s\) = 4 readers"):
+        StreamingBatches(_spec(urls[:2]), rank=0, world_size=2, num_workers=2)
+
+
+def test_random_crops_and_flips_depend_on_the_sample_not_the_layout(clean) -> None:
+    urls, _ = clean
+    spec = _spec(urls, transform=Transform(crop="random", flip_prob=0.5))
+    images: dict[str, list[torch.Tensor]] = {}
+    for world, workers in ((1, 0), (2, 2)):
+        job = Job(spec, world, workers)
+        for _ in range(4):
+            for r in job.ranks:
+                b = r.next_batch()
+                for key, (_, epoch, _, _), img in zip(b["keys"], b["ids"], b["images"]):
+                    if epoch == 0:
+                        images.setdefault(key, []).append(img)
+        job.close()
+    both = [v for v in images.values() if len(v) == 2]
+    assert len(both) >= 4
+    assert all(torch.equal(a, b) for a, b in both)
+
+
+def test_corrupt_corpus_is_skipped_and_counted_exactly(tmp_path: Path) -> None:
+    corpus = build_corrupt_corpus(tmp_path)
+    spec = _spec(corpus["urls"], batch_size=2, image_keys=("jpg", "png"))
+    job = Job(spec, world=1, workers=2)
+    while not job.epoch_closed(0):
+        job.step()
+    state = job.state()
+    job.close()
+    epoch0 = [k for e, k in job.delivered if e == 0]
+    assert sorted(epoch0) == sorted(corpus["good_keys"])
+    # The counts cover epoch 0 and what of epoch 1 was consumed before it closed.
+    assert all(state["skipped"].get(r, 0) >= n for r, n in corpus["skipped"].items())
+    # Exact counts: a run over exactly one epoch (no shuffle, one reader) stops at its close.
+    single = Job(_spec(corpus["urls"], batch_size=1, shuffle_buffer=0, image_keys=("jpg", "png"),
+                       shuffle_shards=False), world=1, workers=0)
+    while not single.epoch_closed(0):
+        single.step()
+    counts = Counter(single.state()["skipped"])
+    single.close()
+    assert counts == corpus["skipped"]
+
+
+def _garbage_shards(tmp_path: Path, n: int) -> list[str]:
+    urls = []
+    for i in range(n):
+        p = tmp_path / f"bad{i}.tar"
+        p.write_bytes(b"this is not a tar archive" * 40)
+        urls.append(str(p))
+    return urls
+
+
+def test_a_source_with_no_readable_sample_fails_clearly(tmp_path: Path) -> None:
+    spec = _spec(_garbage_shards(tmp_path, 2), retry=RetryPolicy(max_retries=0))
+    b = StreamingBatches(spec, rank=0, world_size=1)
+    with pytest.raises(EmptySourceError, match=r"data source 'default' \(2 shards.*gave no usable sample"):
+        b.next_batch()
+    # Readable shards whose samples are all unusable (no caption): the same, through workers.
+    root = tmp_path / "nocap"
+    urls = build_clean_corpus(root, n_shards=2, per_shard=3)
+    spec = _spec(urls, caption_key="json:no_such_field")
+    b = StreamingBatches(spec, rank=0, world_size=1, num_workers=2)
+    with pytest.raises(EmptySourceError, match="no usable sample"):
+        b.next_batch()
+    b.close()
+
+
+def test_weighted_sources_are_mixed_and_tracked_separately(tmp_path: Path) -> None:
+    a = build_clean_corpus(tmp_path / "a", n_shards=2, per_shard=20, seed=1)
+    b = build_clean_corpus(tmp_path / "b", n_shards=2, per_shard=20, seed=2)
+    spec = StreamSpec(sources=(SourceInfo("a", tuple(a)), SourceInfo("b", tuple(b))), weights=(3.0, 1.0),
+                      image_size=16, batch_size=4, shuffle_buffer=0, seed=0)
+    sb = StreamingBatches(spec, rank=0, world_size=1)
+    sources = Counter()
+    for _ in range(20):
+        sources.update(i[0] for i in sb.next_batch()["ids"])
+    assert 0.6 < sources[0] / 80 < 0.9  # weight 3:1 (binomial: 0.75 +- 0.05)
+    assert set(sb.progress.to_state()["sources"]) == {"a", "b"}
+
+
+def test_resampled_mode_draws_shards_with_replacement(clean) -> None:
+    urls, _ = clean
+    sb = StreamingBatches(_spec(urls, mode="resampled", shuffle_buffer=0), rank=0, world_size=1)
+    shards = [i[2] for _ in range(40) for i in sb.next_batch()["ids"]]
+    runs = [shards[i] for i in range(0, len(shards), PER_SHARD)]
+    assert len(set(runs)) < len(runs)  # some shard drawn twice in 16 draws of 6
+    state = sb.progress.to_state()
+    assert state["mode"] == "resampled" and state["delivered"] == 160
+
+
+def test_aspect_buckets_give_one_shape_per_batch(tmp_path: Path) -> None:
+    urls = build_clean_corpus(tmp_path, n_shards=2, per_shard=12, sizes=((128, 64), (64, 128), (96, 96)))
+    spec = StreamSpec(sources=(SourceInfo("d", tuple(urls)),), weights=(1.0,), image_size=64, batch_size=3,
+                      shuffle_buffer=0, buckets=((32, 64), (64, 64), (64, 32)))  # (h, w)
+    sb = StreamingBatches(spec, rank=0, world_size=1)
+    shapes = Counter()
+    for _ in range(8):
+        b = sb.next_batch()
+        shapes[tuple(b["images"].shape[2:])] += 1
+        heights, widths = b["original_size"][:, 0], b["original_size"][:, 1]
+        aspect = (widths / heights).tolist()
+        assert len(set(aspect)) == 1  # one bucket per batch
+    assert set(shapes) == {(32, 64), (64, 64), (64, 32)}
+
+
+def test_url_patterns_globs_and_list_files(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"s{i}.tar").write_bytes(b"")
+    (tmp_path / "list.txt").write_text("# shards\ns0.tar\n\n" + str(tmp_path / "s2.tar") + "\n")
+    assert expand_urls(str(tmp_path / "s{0..2}.tar")) == [str(tmp_path / f"s{i}.tar") for i in range(3)]
+    assert expand_urls(str(tmp_path / "s*.tar")) == [str(tmp_path / f"s{i}.tar") for i in range(3)]
+    assert expand_urls(str(tmp_path / "list.txt")) == [str(tmp_path / "s0.tar"), str(tmp_path / "s2.tar")]
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        expand_urls(str(tmp_path / "x*.tar"))
+    with pytest.raises(ValueError, match="more than once"):
+        expand_urls([str(tmp_path / "s0.tar"), str(tmp_path / "s{0,1}.tar")])
+
+
+def test_s3_options_never_reach_the_logs(caplog) -> None:
+    opts = S3Options(endpoint_url="http://127.0.0.1:9", profile="p").storage_options()
+    assert opts["endpoint_url"] == "http://127.0.0.1:9" and "key" not in opts and "secret" not in opts
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+def _s3_spec(urls, endpoint, **kw) -> StreamSpec:
+    return _spec(urls, s3=S3Options(endpoint_url=endpoint, connect_timeout_s=2, read_timeout_s=3, max_attempts=1),
+                 storage_options=(("default_block_size", 4096),), **kw)
+
+
+def test_s3_shards_stream_like_local_ones(s3_server, clean, tmp_path: Path) -> None:
+    from s3_server import make_bucket, s3_storage_options, upload_tree
+
+    urls, keys = clean
+    make_bucket(s3_server.endpoint_url, "stream-same")
+    upload_tree(Path(urls[0]).parent, "s3://stream-same/shards", s3_storage_options(s3_server.endpoint_url))
+    s3_urls = expand_urls("s3://stream-same/shards/*.tar", s3=S3Options(endpoint_url=s3_server.endpoint_url))
+    assert [u.rsplit("/", 1)[1] for u in s3_urls] == [Path(u).name for u in urls]
+    local = Job(_spec(urls, shuffle_buffer=0, shuffle_shards=False), world=1, workers=0)
+    remote = Job(_s3_spec(s3_urls, s3_server.endpoint_url, shuffle_buffer=0, shuffle_shards=False), world=1, workers=0)
+    for _ in range(5):
+        a, b = local.ranks[0].next_batch(), remote.ranks[0].next_batch()
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+    local.close()
+    remote.close()
+
+
+def test_s3_outage_mid_epoch_loses_nothing(s3_server, fault_proxy, clean) -> None:
+    from s3_server import make_bucket, s3_storage_options, upload_tree
+
+    urls, keys = clean
+    make_bucket(s3_server.endpoint_url, "stream-outage")
+    upload_tree(Path(urls[0]).parent, "s3://stream-outage/shards", s3_storage_options(s3_server.endpoint_url))
+    s3_urls = [f"s3://stream-outage/shards/{Path(u).name}" for u in urls]
+    spec = _s3_spec(s3_urls, fault_proxy.endpoint_url, retry=RetryPolicy(max_retries=8, backoff_s=0.5, max_backoff_s=2))
+    job = Job(spec, world=1, workers=2)
+    job.step()
+    before = fault_proxy.connections
+    timer = fault_proxy.fail_for(4.0)  # reset every connection, refuse new ones, for 4 s
+    steps = 0
+    while not job.epoch_closed(0):
+        job.step()
+        steps += 1
+        assert steps < 100
+    timer.join()
+    job.close()
+    epoch0 = [k for e, k in job.delivered if e == 0]
+    assert sorted(epoch0) == sorted(keys)
+    assert fault_proxy.connections > before  # it reconnected after the outage
+    assert not any(r for r in job.state()["skipped"])  # no shard given up
