@@ -28,7 +28,7 @@ import numpy as np
 from data_pipeline.decode import BadSample, Transform, caption_of, decode_sample, metadata_of, open_image
 from data_pipeline.position import SKIP_REASONS
 from data_pipeline.shards import RawSample, ShardTask, read_shard
-from data_pipeline.sources import RetryPolicy, S3Options, expand_urls, filesystem, storage_options_for
+from data_pipeline.sources import RetryPolicy, S3Options, check_unique, expand_urls, filesystem, storage_options_for
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # as data_pipeline.decode.Transform and conf/data/webdataset.yaml
 # --decode decodes at full (or JPEG draft) resolution and then resizes to cover this square; small
@@ -236,11 +236,7 @@ def expand_patterns(patterns: Sequence[str], *, s3: S3Options | None = None,
             raise FileNotFoundError(f"the pattern {pattern!r} matches no shard ({len(found)} URL(s) "
                                     f"from it, none exists, e.g. {found[0] if found else pattern!r})")
         urls.extend(found)
-    seen: set[str] = set()
-    dupes = [u for u in urls if u in seen or seen.add(u)]
-    if dupes:
-        raise ValueError(f"shard URLs listed more than once: {dupes[:5]}")
-    return urls
+    return check_unique(urls)
 
 
 def select_shards(urls: Sequence[str], *, limit: int | None = None, sample: int | None = None,

@@ -98,11 +98,31 @@ def expand_urls(patterns: Iterable[str] | str, *, s3: S3Options | None = None,
                 out.extend(_rejoin(fs, url, p) for p in found)
             else:
                 out.append(url)
+    return check_unique(out)
+
+
+def check_unique(urls: list[str]) -> list[str]:
+    """``urls``, or ``ValueError`` naming those listed twice (they would break exactly-once reading)."""
     seen: set[str] = set()
-    dupes = [u for u in out if u in seen or seen.add(u)]
+    dupes = [u for u in urls if u in seen or seen.add(u)]
     if dupes:
         raise ValueError(f"shard URLs listed more than once: {dupes[:5]}{' ...' if len(dupes) > 5 else ''}")
-    return out
+    return urls
+
+
+def check_readable(url: str, options: dict[str, Any], policy: RetryPolicy, what: str) -> None:
+    """Fail before training starts when ``url`` (e.g. a source's first shard) cannot be reached:
+    a wrong bucket, path, profile or credentials gets its own message."""
+    try:
+        fs, path = filesystem(url, options)
+        with_retries(lambda: fs.info(path), f"checking {url}", policy)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: the shard {url!r} does not exist") from None
+    except PermissionError as e:
+        raise PermissionError(f"{what}: access to {url!r} is denied ({e}); check the credentials "
+                              f"(AWS_* variables, data.s3.profile) or data.s3.anon") from None
+    except Exception as e:  # noqa: BLE001 - reported with its type, without options (they may hold secrets)
+        raise RuntimeError(f"{what}: cannot read {url!r}: {type(e).__name__}: {e}") from None
 
 
 def _read_list_file(url: str, s3: S3Options | None, storage_options: dict[str, Any] | None) -> list[str]:
@@ -136,9 +156,16 @@ class RetryPolicy:
             yield min(self.backoff_s * 2**attempt, self.max_backoff_s)
 
 
+PERMANENT_ERROR_NAMES = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "InvalidConfigError",
+                         "ParamValidationError", "UnknownSignatureVersionError")
+
+
 def is_transient(error: BaseException) -> bool:
-    """Storage errors worth retrying. Missing files, permission errors and bad arguments are not."""
+    """Storage errors worth retrying. Missing files, permission and credential errors and bad
+    arguments are not."""
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)):
+        return False
+    if type(error).__name__ in PERMANENT_ERROR_NAMES:
         return False
     return isinstance(error, (OSError, TimeoutError, ConnectionError, EOFError)) or \
         type(error).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs")

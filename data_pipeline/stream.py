@@ -27,7 +27,7 @@ import torch
 from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, decode_sample
 from data_pipeline.position import Progress, SourceInfo, SKIP_REASONS
 from data_pipeline.shards import RawSample, ShardEnd, ShardTask, read_shard
-from data_pipeline.sources import RetryPolicy, S3Options, expand_urls, storage_options_for
+from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,9 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
             raise ValueError(f"data.sources[{i}] ({name!r}) has no urls")
         sources.append(SourceInfo(name, tuple(expand_urls(urls, s3=s3, storage_options=extra))))
         weights.append(float(src.get("weight", 1.0)))
+    for i, info in enumerate(sources):
+        check_readable(info.urls[0], storage_options_for(info.urls[0], s3, extra),
+                       RetryPolicy(max_retries=2), f"data source {info.name!r} (data.{'sources' if data.sources else 'urls'})")
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"data.sources names must be unique, got {names}")

@@ -243,6 +243,65 @@ def test_s3_options_never_reach_the_logs(caplog) -> None:
     assert opts["endpoint_url"] == "http://127.0.0.1:9" and "key" not in opts and "secret" not in opts
 
 
+def test_filters_and_json_captions(tmp_path: Path) -> None:
+    from data_pipeline.decode import Filters
+
+    urls = build_clean_corpus(tmp_path, n_shards=1, per_shard=12, sizes=((64, 48), (40, 64), (96, 96)))
+    meta = {}
+    with tarfile.open(urls[0]) as tar:
+        for m in tar:
+            if m.name.endswith(".json"):
+                meta[m.name[:-5]] = json.loads(tar.extractfile(m).read())
+    bound = float(np.median([m["aesthetic"] for m in meta.values()]))
+    spec = _spec(urls, batch_size=1, shuffle_buffer=0, shuffle_shards=False, caption_key="json:caption",
+                 filters=Filters(min_size=45, min_scores=(("aesthetic", bound),)))
+    job = Job(spec, world=1, workers=0)
+    while not job.epoch_closed(0):
+        job.step()
+    kept = {k for e, k in job.delivered if e == 0}
+    want = {k for k, m in meta.items() if min(m["width"], m["height"]) >= 45 and m["aesthetic"] >= bound}
+    assert kept == want and 0 < len(kept) < len(meta)
+    assert set(job.ranks[0].example_captions(99)) <= {meta[k]["caption"] for k in kept}
+    skipped = job.state()["skipped"]
+    assert skipped.get("filtered_min_size", 0) + skipped.get("filtered_score", 0) == len(meta) - len(kept)
+
+
+def test_decompression_bombs_are_refused_before_decoding() -> None:
+    from corpus import oversized_png
+    from data_pipeline.decode import BadSample, open_image
+
+    for size in ((12000, 7000), (30000, 30000)):  # below and above PIL's own bomb limit
+        with pytest.raises(BadSample) as e:
+            open_image(oversized_png(size), 8192 * 8192)
+        assert e.value.reason == "oversized_image"
+
+
+def test_an_unreachable_shard_is_retried_then_skipped_with_its_url(caplog, monkeypatch) -> None:
+    from data_pipeline.shards import ShardEnd, ShardTask, read_shard
+    from s3_server import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+    url = "s3://nowhere/00000.tar"
+    opts = S3Options(endpoint_url=f"http://127.0.0.1:{free_port()}", connect_timeout_s=1, max_attempts=1)
+    delays = []
+    items = list(read_shard(ShardTask(0, url), opts.storage_options(), RetryPolicy(max_retries=2, backoff_s=0.1),
+                            sleep=delays.append))
+    assert delays == [0.1, 0.2]
+    assert len(items) == 1 and isinstance(items[0], ShardEnd) and items[0].status == "unreadable"
+    assert url in caplog.text and "testing" not in caplog.text
+    # Missing credentials are not retried: they will not appear by waiting.
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    delays.clear()
+    fresh = S3Options(endpoint_url=opts.endpoint_url, connect_timeout_s=1.5, max_attempts=1)  # not a cached s3fs
+    (end,) = read_shard(ShardTask(0, url), fresh.storage_options(), RetryPolicy(max_retries=2), sleep=delays.append)
+    assert delays == [] and end.status == "unreadable" and "Credentials" in end.error
+
+
 # ----------------------------------------------------------------------------- S3
 
 
@@ -291,3 +350,22 @@ def test_s3_outage_mid_epoch_loses_nothing(s3_server, fault_proxy, clean) -> Non
     assert sorted(epoch0) == sorted(keys)
     assert fault_proxy.connections > before  # it reconnected after the outage
     assert not any(r for r in job.state()["skipped"])  # no shard given up
+
+
+def test_a_wrong_url_fails_before_training_starts(clean, tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from data_pipeline.stream import spec_from_config
+    from trainer.config import DataConfig
+
+    urls, _ = clean
+    missing = str(tmp_path / "nope" / "{00000..00003}.tar")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
+                                              {"kind": "webdataset", "urls": [missing], "image_size": 16}))
+    with pytest.raises(FileNotFoundError, match=r"data source 'default' \(data.urls\): the shard .*nope/00000.tar"):
+        spec_from_config(cfg, 4)
+    cfg.urls = list(urls)
+    spec = spec_from_config(cfg, 4)
+    assert spec.sources[0].urls == tuple(urls) and spec.batch_size == 4
+    with pytest.raises(ValueError, match=r"data.crop='middle' is invalid"):
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), {"crop": "middle"}))

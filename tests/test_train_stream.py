@@ -10,6 +10,7 @@ import pytest
 
 from corpus import build_corrupt_corpus
 from train_helpers import latest, run
+from wandb_records import history_by_step, offline_run_files, read_wandb_records
 
 STREAM = ["data=webdataset", "data.image_size=16", "data.image_keys=[jpg,png]", "data.shuffle_buffer=4",
           "data.crop=random", "data.flip_prob=0.5", "eval.prompts=[a photo]"]
@@ -43,6 +44,10 @@ def test_streamed_training_counts_bad_data_and_refuses_other_data(tmp_path: Path
     assert metrics["data_skipped"] == state["data"]["skipped"]
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(k.startswith("data/skipped_") for rec in logged for k in rec)
+    (wandb_file,) = offline_run_files(run_dir)  # the counts reach W&B too
+    last = history_by_step(read_wandb_records(wandb_file))[4]
+    assert {f"data/skipped_{r}": n for r, n in state["data"]["skipped"].items()} == \
+        {k: v for k, v in last.items() if k.startswith("data/skipped_")}
 
     # Resume (2 workers now) continues the same position: 6 steps in all.
     run(run_dir, STREAM + [f"data.urls={urls}", "data.num_workers=2", "train.max_steps=6"])
