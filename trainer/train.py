@@ -157,15 +157,14 @@ class Trainer:
         from trainer import engine as engine_lib
         from trainer.diffusion import build_diffusion
         from trainer.ema import EMA
-        from trainer.models.config import build_components
+        from trainer.inference import build_model
         cfg, env = self.cfg, self.env
         self.store = ckpt.CheckpointStore(self.paths.checkpoint_dir, self.paths.work_dir, rank=env.rank,
                                           local_rank=env.local_rank)
         self.resume_point = self._find_resume()
         self.batches, self.digits_info = build_batches(cfg, env, self.accum, self.device)
 
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        parts = build_components(cfg.model, device="cpu")
+        parts = build_model(cfg)  # seeded: identical initial weights on every rank; then model.init_from
         self.parts = parts
         if cfg.deepspeed.activation_checkpointing != "none":
             kinds = True if cfg.deepspeed.activation_checkpointing == "all" else [cfg.deepspeed.activation_checkpointing]

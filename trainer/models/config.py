@@ -8,6 +8,7 @@ is allocated.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(context_dim=1280))
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # Start from published weights: a diffusers pipeline folder or a CompVis .ckpt / .safetensors
+    # (trainer.interchange.load_pretrained); every tensor must fit this architecture.
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         width = self.text_encoder.output_width

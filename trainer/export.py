@@ -1,0 +1,60 @@
+"""``python -m trainer.export checkpoint=<...> out=<dir> format=diffusers|safetensors [use_ema=true]``
+
+``diffusers``: a pipeline folder that ``diffusers`` loads offline with ``from_pretrained`` -
+``LDMTextToImagePipeline`` for the paper's trainable text transformer (``LDMBertModel``),
+``StableDiffusionPipeline`` for a frozen OpenCLIP tower (``CLIPTextModel``). ``safetensors``: one
+file per component in our (CompVis) layout plus the model config. Either is written under a
+temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+FORMATS = ("diffusers", "safetensors")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = "???"
+    out: str = "???"
+    format: str = "diffusers"
+    use_ema: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r} is invalid; allowed: {FORMATS}")
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+def export(cfg: ExportConfig):
+    from trainer.inference import load_for_inference
+    from trainer.interchange import export_diffusers, export_safetensors
+
+    model = load_for_inference(cfg.checkpoint, use_ema=cfg.use_ema)
+    write = export_diffusers if cfg.format == "diffusers" else export_safetensors
+    return write(model, cfg.out, overwrite=cfg.overwrite)
+
+
+@hydra.main(version_base=None, config_path="../conf/cli", config_name="export")
+def main(dict_cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        out = export(OmegaConf.to_object(dict_cfg))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

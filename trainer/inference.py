@@ -1,0 +1,135 @@
+"""A trained model back from a checkpoint, on one machine: for sampling, export and evaluation.
+
+A checkpoint is named as a run directory, a checkpoint root (its ``latest`` pointer is followed) or
+``<root>/<tag>``, local or any fsspec URL. The networks are rebuilt from the config saved in the
+checkpoint exactly as the trainer built them (same seed, same pretrained files, same
+``model.init_from``), then the trained weights are loaded: the EMA weights by default (saved whole,
+as safetensors), or the live weights consolidated on the CPU from DeepSpeed's shards of any ZeRO
+stage. No process group, no GPU needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import fsspec
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from trainer.checkpoint import POINTER, STATE_FILE, CheckpointStore, ResumePoint, load_ema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    cfg: Any  # TrainConfig of the run
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    first_stage: nn.Module
+    schedule: Any  # NoiseSchedule
+    source: dict[str, Any]  # checkpoint URL, tag, step, weights
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = getattr(self.first_stage, "downsample_factor", 1)
+        size = self.cfg.data.image_size
+        return self.cfg.model.unet.in_channels, size // f, size // f
+
+    def encode_fn(self, device: torch.device | str = "cpu") -> Callable[[list[str]], torch.Tensor]:
+        def encode(prompts: list[str]) -> torch.Tensor:
+            return self.text_encoder(self.tokenizer(prompts).to(device))
+
+        return encode
+
+
+def resolve_checkpoint(checkpoint: str, work_dir: str | Path | None = None) -> ResumePoint:
+    """``checkpoint`` (run dir, checkpoint root or ``<root>/<tag>``) -> a locally readable point."""
+    url = checkpoint.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(f"{path}/{STATE_FILE}"):
+        root, tag = url.rsplit("/", 1)
+    elif fs.exists(f"{path}/{POINTER}"):
+        root, tag = url, None
+    elif fs.exists(f"{path}/checkpoints/{POINTER}"):
+        root, tag = f"{url}/checkpoints", None
+    else:
+        raise FileNotFoundError(
+            f"checkpoint={checkpoint!r} is not a checkpoint: expected <root>/<tag> holding {STATE_FILE}, a "
+            f"checkpoint root holding a '{POINTER}' pointer, or a run directory holding checkpoints/{POINTER}")
+    store = CheckpointStore(root, Path(work_dir or tempfile.mkdtemp(prefix="ckpt-")), rank=0)
+    tag = tag or store.latest_tag()
+    return store.resolve(tag)
+
+
+def train_config_of(state: dict[str, Any]):
+    """The run's ``TrainConfig`` from a checkpoint's saved (redacted) config."""
+    from trainer.config import TrainConfig
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"]))
+    except Exception as e:  # noqa: BLE001 - re-raised with what it is about
+        raise ValueError(f"the config saved in the checkpoint does not load into this version's TrainConfig: {e}") \
+            from None
+
+
+def build_model(cfg) -> "ModelComponents":  # noqa: F821 - trainer.models.config
+    """The networks of ``cfg.model`` as the trainer builds them: seeded random init, pretrained
+    files, then ``model.init_from`` (weights of published models, through the converters)."""
+    from trainer.interchange import load_pretrained
+    from trainer.models.config import build_components
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and on reload
+    parts = build_components(cfg.model, device="cpu")
+    if cfg.model.init_from:
+        report = load_pretrained(parts, cfg.model.init_from, cfg.model)
+        log.info("model.init_from=%s: %s", cfg.model.init_from, report)
+    return parts
+
+
+def trained_weights(point: ResumePoint, use_ema: bool) -> dict[str, torch.Tensor]:
+    """``unet.*`` / ``text_encoder.*`` fp32 tensors of the checkpoint: EMA or consolidated live weights."""
+    tag_dir = point.local_dir / point.tag
+    if use_ema:
+        ema = load_ema(tag_dir)
+        if ema is None:
+            raise ValueError(f"checkpoint {point.tag} has no EMA weights (trained with ema.enabled=false); "
+                             f"use use_ema=false for the trained weights")
+        return {k: v.float() for k, v in ema.items()}
+    stage = int(point.state["zero_stage"])
+    if stage == 0:
+        # DeepSpeed's own model file (written by our trainer); its metadata needs a full unpickle.
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(point.local_dir), tag=point.tag).items()}
+
+
+def load_for_inference(checkpoint: str, *, use_ema: bool = True, device: torch.device | str = "cpu",
+                       work_dir: str | Path | None = None) -> LoadedModel:
+    from trainer.diffusion import build_diffusion
+    from trainer.ema import copy_into
+
+    point = resolve_checkpoint(checkpoint, work_dir)
+    cfg = train_config_of(point.state)
+    parts = build_model(cfg)
+    weights = trained_weights(point, use_ema)
+    copy_into(parts.unet, {k: v for k, v in weights.items() if k.startswith("unet.")}, prefix="unet")
+    text_keys = {k: v for k, v in weights.items() if k.startswith("text_encoder.")}
+    if text_keys:
+        copy_into(parts.text_encoder, text_keys, prefix="text_encoder")
+    elif parts.text_encoder_trainable:
+        raise ValueError(f"checkpoint {point.tag} has no text_encoder.* weights but model.text_encoder is trainable")
+    for module in (parts.unet, parts.text_encoder, parts.first_stage):
+        module.to(device).eval().requires_grad_(False)
+    source = {"checkpoint": checkpoint, "tag": point.tag, "step": int(point.state["step"]),
+              "weights": "ema" if use_ema else "trained"}
+    return LoadedModel(cfg=cfg, unet=parts.unet, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                       first_stage=parts.first_stage, schedule=build_diffusion(cfg.diffusion).schedule, source=source)

@@ -1,0 +1,329 @@
+"""Weights in and out of the ecosystem's formats, through the converters of ``trainer.convert``.
+
+Import (``model.init_from``): a diffusers pipeline folder (``model_index.json`` with ``unet/``,
+``vae/`` or ``vqvae/``, ``bert/`` or ``text_encoder/``) or a CompVis/Stability checkpoint
+(``.safetensors``, or ``.ckpt``/``.pt`` read with ``torch.load(weights_only=True)`` so no pickled
+object is ever built). Every tensor must land: a missing, unexpected or misshapen key, or a
+component config that differs from ours, is an error naming what differs.
+
+Export: a diffusers ``LDMTextToImagePipeline`` folder (the paper's trainable text transformer as
+``LDMBertModel``) or ``StableDiffusionPipeline`` folder (a frozen OpenCLIP tower as ``CLIPTextModel``),
+loadable offline with ``from_pretrained``; or one safetensors file per component in our (CompVis)
+layout. Folders are written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainer.convert.keymap import ConversionReport, KeyMap
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_VERSION = "0.42.1"  # what the written configs claim; the folders load in diffusers >= 0.20
+SAFETENSORS_META = {"format": "pt"}
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+# ----------------------------------------------------------------------------- shared checks
+
+
+def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``sd`` into ``module``: every key present, nothing extra, every shape equal."""
+    expected = module.state_dict()
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    report = ConversionReport(missing=sorted(set(expected) - set(sd)), unexpected=sorted(set(sd) - set(expected)))
+    if mismatched:
+        raise ValueError(f"{what} is another architecture than the configured model: {len(mismatched)} tensors "
+                         f"differ in shape: " + "; ".join(mismatched[:8]))
+    report.raise_if_incomplete(f"{what} (another architecture than the configured model?)")
+    with torch.no_grad():
+        for k, v in sd.items():
+            expected[k].copy_(v)
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file raises several types
+        raise ValueError(f"{what}: {path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                         f"it may be truncated") from None
+
+
+def _check_config(path: Path, ours: dict[str, Any], what: str) -> None:
+    """The component's ``config.json`` must describe our architecture."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    theirs = json.loads(path.read_text())
+    diffs = []
+    for k, v in ours.items():
+        t = theirs.get(k)
+        if isinstance(v, tuple):
+            v = list(v)
+        if k in theirs and t != v:
+            diffs.append(f"{k}: file {t!r}, model {v!r}")
+    if diffs:
+        raise ValueError(f"{what} is another architecture than the configured model:\n  " + "\n  ".join(diffs[:12]))
+
+
+# ----------------------------------------------------------------------------- CompVis layout
+
+
+def compvis_ldmbert_keymap(depth: int) -> KeyMap:
+    """Ours <-> CompVis ``BERTEmbedder.transformer`` (x-transformers ``TransformerWrapper``)."""
+    km = KeyMap()
+    km.add("token_embedding.weight", "token_emb.weight")
+    km.add("position_embedding.weight", "pos_emb.emb.weight")
+    for i in range(depth):
+        a, f = f"attn_layers.layers.{2 * i}", f"attn_layers.layers.{2 * i + 1}"
+        km.add_module(f"layers.{i}.attn_norm", f"{a}.0")
+        for name in ("to_q", "to_k", "to_v"):
+            km.add(f"layers.{i}.attn.{name}.weight", f"{a}.1.{name}.weight")
+        km.add_module(f"layers.{i}.attn.to_out", f"{a}.1.to_out")
+        km.add_module(f"layers.{i}.ff_norm", f"{f}.0")
+        km.add_module(f"layers.{i}.ff.fc1", f"{f}.1.net.0.0")
+        km.add_module(f"layers.{i}.ff.fc2", f"{f}.1.net.2")
+    km.add_module("final_norm", "norm")
+    km.add_theirs_only("to_logits.weight", "token_embedding.weight", torch.zeros_like)
+    km.add_theirs_only("to_logits.bias", "token_embedding.weight", lambda e: e.new_zeros(e.shape[0]))
+    return km
+
+
+def _load_compvis(parts, path: Path, cfg) -> dict[str, Any]:
+    from trainer.models.autoencoder import read_state_dict
+
+    try:
+        obj = read_state_dict(path)
+    except ValueError as e:
+        raise ValueError(f"model.init_from={str(path)!r}: {e}") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    summary: dict[str, Any] = {}
+
+    def take(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    unet = take("model.diffusion_model.")
+    if not unet:
+        raise ValueError(f"model.init_from={str(path)!r} has no model.diffusion_model.* tensors: not a CompVis "
+                         f"latent-diffusion checkpoint")
+    load_strict(parts.unet, unet, f"model.init_from={str(path)!r} (UNet)")
+    summary["unet"] = len(unet)
+    first = take("first_stage_model.")
+    if first and hasattr(parts.first_stage, "encoder"):
+        first = {k: v for k, v in first.items() if not k.startswith("loss.")}
+        load_strict(parts.first_stage, first, f"model.init_from={str(path)!r} (first stage)")
+        summary["first_stage"] = len(first)
+    if cfg.text_encoder.kind == "ldm_bert" and take("cond_stage_model.transformer."):
+        ours, report = compvis_ldmbert_keymap(cfg.text_encoder.depth).to_ours(take("cond_stage_model.transformer."))
+        report.raise_if_incomplete(f"model.init_from={str(path)!r} (text transformer)")
+        load_strict(parts.text_encoder, ours, f"model.init_from={str(path)!r} (text transformer)")
+        summary["text_encoder"] = len(ours)
+        summary["dropped"] = report.dropped
+    elif take("cond_stage_model.model."):
+        text = {f"model.{k}": v for k, v in take("cond_stage_model.model.").items()
+                if not k.startswith(("visual.", "logit_"))}
+        load_strict(parts.text_encoder, text, f"model.init_from={str(path)!r} (OpenCLIP text tower)")
+        summary["text_encoder"] = len(text)
+    return summary
+
+
+# ----------------------------------------------------------------------------- diffusers layout
+
+
+def _text_converter(cfg):
+    """(subfolder, transformers class, to_theirs, from_theirs, config) for the text encoder."""
+    tcfg = cfg.text_encoder
+    if tcfg.kind == "ldm_bert":
+        from trainer.convert.diffusers_ldmbert import diffusers_ldmbert_config, ldmbert_from_diffusers, ldmbert_to_diffusers
+
+        return ("bert", ("latent_diffusion", "LDMBertModel"), lambda sd: ldmbert_to_diffusers(sd, tcfg),
+                lambda sd: ldmbert_from_diffusers(sd, tcfg), {**diffusers_ldmbert_config(tcfg), "model_type": "ldmbert"})
+    from trainer.convert.clip_text import clip_text_config, clip_text_from_transformers, clip_text_to_transformers
+
+    return ("text_encoder", ("transformers", "CLIPTextModel"), lambda sd: clip_text_to_transformers(sd, tcfg),
+            lambda sd: clip_text_from_transformers(sd, tcfg), {**clip_text_config(tcfg), "model_type": "clip_text_model"})
+
+
+def _text_arch(cfg, text_config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of the text encoder's config.json that decide its output (published CLIP configs
+    carry other token ids and projection sizes that do not change the UNet's context)."""
+    if cfg.text_encoder.kind == "ldm_bert":
+        return {k: v for k, v in text_config.items() if k != "model_type"}
+    from trainer.convert.clip_text import CLIP_TEXT_ARCH_KEYS
+
+    return {k: text_config[k] for k in CLIP_TEXT_ARCH_KEYS if k in text_config}
+
+
+def _load_diffusers(parts, root: Path, cfg) -> dict[str, Any]:
+    from trainer.convert.diffusers_unet import diffusers_unet_config, unet_from_diffusers
+    from trainer.convert.diffusers_vae import diffusers_vae_config, vae_from_diffusers
+
+    where = f"model.init_from={str(root)!r}"
+    summary: dict[str, Any] = {}
+    _check_config(root / "unet" / "config.json", diffusers_unet_config(cfg.unet), f"{where} (unet/config.json)")
+    sd = _read_safetensors(root / "unet" / "diffusion_pytorch_model.safetensors", f"{where} (unet)")
+    ours, report = unet_from_diffusers(sd, cfg.unet)
+    report.raise_if_incomplete(f"{where} (unet)")
+    load_strict(parts.unet, ours, f"{where} (unet)")
+    summary["unet"] = len(ours)
+    vae_dir = next((root / d for d in ("vqvae", "vae") if (root / d).is_dir()), None)
+    if vae_dir is not None and hasattr(parts.first_stage, "encoder"):
+        _check_config(vae_dir / "config.json", diffusers_vae_config(cfg.autoencoder), f"{where} ({vae_dir.name}/config.json)")
+        sd = _read_safetensors(vae_dir / "diffusion_pytorch_model.safetensors", f"{where} ({vae_dir.name})")
+        ours, report = vae_from_diffusers(sd, cfg.autoencoder)
+        report.raise_if_incomplete(f"{where} ({vae_dir.name})")
+        load_strict(parts.first_stage, ours, f"{where} ({vae_dir.name})")
+        summary["first_stage"] = len(ours)
+    sub, _, _, from_theirs, text_config = _text_converter(cfg)
+    if (root / sub).is_dir():
+        _check_config(root / sub / "config.json", _text_arch(cfg, text_config), f"{where} ({sub}/config.json)")
+        sd = _read_safetensors(root / sub / "model.safetensors", f"{where} ({sub})")
+        ours, report = from_theirs(sd)
+        report.raise_if_incomplete(f"{where} ({sub})")
+        load_strict(parts.text_encoder, ours, f"{where} ({sub})")
+        summary["text_encoder"] = len(ours)
+        summary["dropped"] = report.dropped
+    return summary
+
+
+def load_pretrained(parts, path: str, cfg) -> dict[str, Any]:
+    """Load published weights into ``parts`` (a ``ModelComponents`` of ``cfg``); returns what was loaded."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise FileNotFoundError(f"model.init_from={path!r} is a folder without model_index.json: not a "
+                                    f"diffusers pipeline folder")
+        return _load_diffusers(parts, p, cfg)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.init_from={path!r} does not exist (a diffusers folder, or a CompVis "
+                                f".ckpt / .safetensors file)")
+    return _load_compvis(parts, p, cfg)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=SAFETENSORS_META)
+
+
+def scheduler_config(dcfg) -> dict[str, Any]:
+    """``DDIMScheduler`` config of our noise schedule and DDIM defaults (leading spacing, offset 1)."""
+    beta = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}[dcfg.beta_schedule]
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+            "num_train_timesteps": dcfg.num_train_timesteps, "beta_start": dcfg.beta_start, "beta_end": dcfg.beta_end,
+            "beta_schedule": beta, "prediction_type": DIFFUSERS_PREDICTION[dcfg.prediction_type],
+            "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
+            "rescale_betas_zero_snr": dcfg.rescale_zero_terminal_snr, "trained_betas": None}
+
+
+def _commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"out={str(out)!r} exists; choose another folder or set overwrite=true")
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _staging(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path:
+    """A diffusers pipeline folder for ``model`` (a ``trainer.inference.LoadedModel``)."""
+    from trainer.convert.diffusers_unet import diffusers_unet_config, unet_to_diffusers
+    from trainer.convert.diffusers_vae import diffusers_vae_config, vae_to_diffusers
+    from trainer.convert.tokenizers import export_tokenizer
+
+    cfg = model.cfg.model
+    if cfg.autoencoder.kind != "kl":
+        raise ValueError(f"format=diffusers needs a latent model: model.autoencoder.kind={cfg.autoencoder.kind!r} "
+                         f"(pixel space) has no diffusers text-to-image pipeline; use format=safetensors")
+    out = Path(out)
+    tmp = _staging(out)
+    try:
+        unet_sd, report = unet_to_diffusers(model.unet.state_dict(), cfg.unet)
+        report.raise_if_incomplete("export (unet)")
+        _save(unet_sd, tmp / "unet" / "diffusion_pytorch_model.safetensors")
+        _write_json(tmp / "unet" / "config.json", {"_class_name": "UNet2DConditionModel",
+                                                   "_diffusers_version": DIFFUSERS_VERSION,
+                                                   "sample_size": model.latent_shape[1],
+                                                   **diffusers_unet_config(cfg.unet)})
+        ldm = cfg.text_encoder.kind == "ldm_bert"
+        vae_dir = "vqvae" if ldm else "vae"
+        vae_sd, report = vae_to_diffusers(model.first_stage.state_dict(), cfg.autoencoder)
+        report.raise_if_incomplete("export (first stage)")
+        _save(vae_sd, tmp / vae_dir / "diffusion_pytorch_model.safetensors")
+        _write_json(tmp / vae_dir / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+                                                    **diffusers_vae_config(cfg.autoencoder)})
+        sub, cls, to_theirs, _, text_config = _text_converter(cfg)
+        text_sd, report = to_theirs(model.text_encoder.state_dict())
+        report.raise_if_incomplete(f"export ({sub})")
+        _save(text_sd, tmp / sub / "model.safetensors")
+        _write_json(tmp / sub / "config.json", {"architectures": [cls[1]], **text_config})
+        tokenizer_class = export_tokenizer(model.tokenizer, tmp / "tokenizer")
+        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(model.cfg.diffusion))
+        index: dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION, "unet": ["diffusers", "UNet2DConditionModel"],
+                                 vae_dir: ["diffusers", "AutoencoderKL"], sub: list(cls),
+                                 "tokenizer": ["transformers", tokenizer_class], "scheduler": ["diffusers", "DDIMScheduler"]}
+        if ldm:
+            index["_class_name"] = "LDMTextToImagePipeline"
+        else:
+            index.update({"_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
+                          "feature_extractor": [None, None], "requires_safety_checker": False})
+        _write_json(tmp / "model_index.json", index)
+        _write_json(tmp / "ldm_platform.json", {"source": model.source, "image_size": model.cfg.data.image_size})
+        _commit_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_safetensors(model, out: str | Path, *, overwrite: bool = False) -> Path:
+    """One safetensors file per component, in our (CompVis) layout, plus the model config."""
+    from dataclasses import asdict
+
+    out = Path(out)
+    tmp = _staging(out)
+    try:
+        _save(model.unet.state_dict(), tmp / "unet.safetensors")
+        if hasattr(model.first_stage, "encoder"):
+            _save(model.first_stage.state_dict(), tmp / "first_stage.safetensors")
+        _save(model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
+        _write_json(tmp / "model_config.json", {"model": asdict(model.cfg.model), "diffusion": asdict(model.cfg.diffusion),
+                                                "image_size": model.cfg.data.image_size, "source": model.source})
+        _commit_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
