@@ -64,6 +64,24 @@ def test_sample_writes_images_grid_and_settings(trained: Path, tmp_path: Path) -
     assert np.array_equal(_png(one / "00000.png"), _png(out / "00002.png"))
 
 
+def test_sample_from_a_checkpoint_in_s3(trained: Path, tmp_path: Path, s3_server) -> None:
+    import os
+
+    from s3_server import make_bucket, s3_storage_options, upload_tree
+
+    make_bucket(s3_server.endpoint_url, "runs")
+    upload_tree(trained / "checkpoints", "s3://runs/tiny/checkpoints", s3_storage_options(s3_server.endpoint_url))
+    env = {**train_env(), "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+           **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    for checkpoint, out in ((trained, local), ("s3://runs/tiny/checkpoints", remote)):
+        proc = subprocess.run([sys.executable, "-m", "trainer.sample", f"checkpoint={checkpoint}", "prompt=a seven",
+                               "n=1", "steps=3", f"out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.array_equal(_png(local / "00000.png"), _png(remote / "00000.png"))
+
+
 def test_bad_prompt_lists_fail_before_anything_is_written(trained: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\n   \na bird\n\n")
@@ -146,12 +164,13 @@ def test_compvis_checkpoints_import_without_unpickling(tmp_path: Path) -> None:
     text, _ = compvis_ldmbert_keymap(cfg.model.text_encoder.depth).to_theirs(src.text_encoder.state_dict())
     sd = {**{f"model.diffusion_model.{k}": v for k, v in src.unet.state_dict().items()},
           **{f"first_stage_model.{k}": v for k, v in src.first_stage.state_dict().items()},
-          **{f"cond_stage_model.transformer.{k}": v for k, v in text.items()}}
+          **{f"cond_stage_model.transformer.{k}": v for k, v in text.items()},
+          "model_ema.decay": torch.tensor(0.9999), "betas": torch.linspace(1e-4, 2e-2, 1000)}
     path = tmp_path / "ldm.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     _, dst = _components()
     summary = load_pretrained(dst, str(path), cfg.model)
-    assert summary["dropped"] == ["to_logits.bias", "to_logits.weight"]
+    assert summary["dropped"] == ["to_logits.bias", "to_logits.weight"] and summary["ignored"] == 2
     for a, b in ((src.unet, dst.unet), (src.text_encoder, dst.text_encoder), (src.first_stage, dst.first_stage)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # A .ckpt holding a pickled object is refused, never unpickled.
@@ -185,3 +204,27 @@ def test_live_weights_consolidate_alike_from_every_zero_stage(tmp_path: Path) ->
         weights[stage] = trained_weights(resolve_checkpoint(str(run_dir)), use_ema=False)
     assert weights[0].keys() == weights[3].keys()
     assert max((weights[0][k] - weights[3][k]).abs().max().item() for k in weights[0]) < 1e-5
+
+
+def test_clip_conditioned_model_exports_to_stable_diffusion(tmp_path: Path) -> None:
+    """A frozen OpenCLIP tower (ViT-S-16-alt's text tower, random weights saved as a local file, as a
+    user's downloaded checkpoint would be) -> StableDiffusionPipeline draws our image."""
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.models.text_encoders import FrozenOpenCLIPTextEncoder
+
+    torch.manual_seed(0)
+    tower = FrozenOpenCLIPTextEncoder("ViT-S-16-alt", layer="penultimate", allow_random_init=True)
+    weights = tmp_path / "open_clip_vit_s16alt.safetensors"
+    save_file({k: v.contiguous() for k, v in tower.model.state_dict().items()}, str(weights))
+    run_dir = tmp_path / "run"
+    run(run_dir, ["model=tiny_kl", "model/text_encoder=openclip_vit_h14", "model.text_encoder.arch=ViT-S-16-alt",
+                  f"model.text_encoder.checkpoint_path={weights}", "model.unet.context_dim=256", "train.max_steps=2"])
+    out, samples = tmp_path / "sd", tmp_path / "ours"
+    _cli("trainer.export", f"checkpoint={run_dir}", f"out={out}", "format=diffusers")
+    _cli("trainer.sample", f"checkpoint={run_dir}", f"prompt={PROMPT}", "n=1", "steps=4", "guidance=3", "seed=3",
+         f"out={samples}")
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    theirs = pipe(PROMPT, height=16, width=16, num_inference_steps=4, guidance_scale=3.0, eta=0.0,
+                  generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    assert np.abs(_png(samples / "00000.png") - (theirs * 255).round().astype(np.int16)).max() <= 1

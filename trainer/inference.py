@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainer.checkpoint import POINTER, STATE_FILE, CheckpointStore, ResumePoint, load_ema
+from trainer.checkpoint import EMA_FILE, POINTER, STATE_FILE, CheckpointStore, ResumePoint, load_ema
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,10 @@ class LoadedModel:
         return encode
 
 
-def resolve_checkpoint(checkpoint: str, work_dir: str | Path | None = None) -> ResumePoint:
-    """``checkpoint`` (run dir, checkpoint root or ``<root>/<tag>``) -> a locally readable point."""
+def resolve_checkpoint(checkpoint: str, work_dir: str | Path | None = None,
+                       files: tuple[str, ...] | None = None) -> ResumePoint:
+    """``checkpoint`` (run dir, checkpoint root or ``<root>/<tag>``) -> a locally readable point. From
+    remote storage only ``files`` of the tag are downloaded when given (all of it otherwise)."""
     url = checkpoint.rstrip("/")
     fs, path = fsspec.core.url_to_fs(url)
     if fs.exists(f"{path}/{STATE_FILE}"):
@@ -65,7 +67,14 @@ def resolve_checkpoint(checkpoint: str, work_dir: str | Path | None = None) -> R
             f"checkpoint root holding a '{POINTER}' pointer, or a run directory holding checkpoints/{POINTER}")
     store = CheckpointStore(root, Path(work_dir or tempfile.mkdtemp(prefix="ckpt-")), rank=0)
     tag = tag or store.latest_tag()
-    return store.resolve(tag)
+    if store.is_local or files is None:
+        return store.resolve(tag)
+    local = store.work_dir / "download" / tag
+    local.mkdir(parents=True, exist_ok=True)
+    for name in (STATE_FILE, *files):
+        if store.fs.exists(store._path(tag, name)):
+            store.fs.get(store._path(tag, name), str(local / name))
+    return ResumePoint(tag=tag, local_dir=local.parent, state=store.read_state(tag))
 
 
 def train_config_of(state: dict[str, Any]):
@@ -104,8 +113,8 @@ def trained_weights(point: ResumePoint, use_ema: bool) -> dict[str, torch.Tensor
         return {k: v.float() for k, v in ema.items()}
     stage = int(point.state["zero_stage"])
     if stage == 0:
-        # DeepSpeed's own model file (written by our trainer); its metadata needs a full unpickle.
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        # DeepSpeed's own model file: tensors and plain containers (no unpickling of objects).
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -117,10 +126,11 @@ def load_for_inference(checkpoint: str, *, use_ema: bool = True, device: torch.d
     from trainer.diffusion import build_diffusion
     from trainer.ema import copy_into
 
-    point = resolve_checkpoint(checkpoint, work_dir)
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        point = resolve_checkpoint(checkpoint, work_dir or tmp, files=(EMA_FILE,) if use_ema else None)
+        weights = trained_weights(point, use_ema)
     cfg = train_config_of(point.state)
     parts = build_model(cfg)
-    weights = trained_weights(point, use_ema)
     copy_into(parts.unet, {k: v for k, v in weights.items() if k.startswith("unet.")}, prefix="unet")
     text_keys = {k: v for k, v in weights.items() if k.startswith("text_encoder.")}
     if text_keys:

@@ -126,17 +126,29 @@ def _load_compvis(parts, path: Path, cfg) -> dict[str, Any]:
         first = {k: v for k, v in first.items() if not k.startswith("loss.")}
         load_strict(parts.first_stage, first, f"model.init_from={str(path)!r} (first stage)")
         summary["first_stage"] = len(first)
+    text_prefix = None
     if cfg.text_encoder.kind == "ldm_bert" and take("cond_stage_model.transformer."):
-        ours, report = compvis_ldmbert_keymap(cfg.text_encoder.depth).to_ours(take("cond_stage_model.transformer."))
-        report.raise_if_incomplete(f"model.init_from={str(path)!r} (text transformer)")
-        load_strict(parts.text_encoder, ours, f"model.init_from={str(path)!r} (text transformer)")
+        text_prefix = "cond_stage_model.transformer."
+        ours, report = compvis_ldmbert_keymap(cfg.text_encoder.depth).to_ours(take(text_prefix))
+    elif take("cond_stage_model.transformer."):  # SD v1: OpenAI CLIP as a transformers CLIPTextModel
+        from trainer.convert.clip_text import clip_text_from_transformers
+
+        text_prefix = "cond_stage_model.transformer."
+        ours, report = clip_text_from_transformers(take(text_prefix), cfg.text_encoder)
+    elif take("cond_stage_model.model."):  # SD v2: the OpenCLIP model itself
+        text_prefix = "cond_stage_model.model."
+        ours = {f"model.{k}": v for k, v in take(text_prefix).items() if not k.startswith(("visual.", "logit_"))}
+        report = ConversionReport()
+    if text_prefix is not None:
+        report.raise_if_incomplete(f"model.init_from={str(path)!r} (text encoder)")
+        load_strict(parts.text_encoder, ours, f"model.init_from={str(path)!r} (text encoder)")
         summary["text_encoder"] = len(ours)
         summary["dropped"] = report.dropped
-    elif take("cond_stage_model.model."):
-        text = {f"model.{k}": v for k, v in take("cond_stage_model.model.").items()
-                if not k.startswith(("visual.", "logit_"))}
-        load_strict(parts.text_encoder, text, f"model.init_from={str(path)!r} (OpenCLIP text tower)")
-        summary["text_encoder"] = len(text)
+    used = ("model.diffusion_model.", "first_stage_model.", text_prefix or "model.diffusion_model.")
+    ignored = sorted(k for k in sd if not k.startswith(used))
+    if ignored:  # e.g. model_ema.*, the schedule buffers, a visual tower: reported, not loaded
+        summary["ignored"] = len(ignored)
+        log.info("model.init_from=%s: %d tensors not used (%s ...)", path, len(ignored), ", ".join(ignored[:5]))
     return summary
 
 
