@@ -50,3 +50,18 @@ def fault_proxy(s3_server):
 
     with FaultProxy(s3_server.host, s3_server.port) as proxy:
         yield proxy
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster (munged, slurmctld, slurmd on 127.0.0.1) for the whole session.
+
+    Pass ``slurm_cluster.env`` to subprocesses that run sbatch/squeue/scontrol. Skipped only when
+    SLURM is not installed (``.ci/run`` installs Debian's slurm-wlm and munge).
+    """
+    from slurm_cluster import SlurmCluster, find_binary
+
+    if find_binary("slurmctld") is None:
+        pytest.skip("slurmctld is not installed (apt-get install -y slurm-wlm munge)")
+    with SlurmCluster() as cluster:
+        yield cluster

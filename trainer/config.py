@@ -343,6 +343,52 @@ class TrainLoopConfig:
         return self.global_batch_size // per_step
 
 
+SIGNALS = ("USR1", "USR2", "TERM")
+
+
+@dataclass
+class SlurmConfig:
+    """How ``trainer.submit`` asks SLURM for the job (``slurm/train.sbatch``), and how the running job
+    handles the time-limit signal: checkpoint, then requeue itself (up to ``max_requeues`` times)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0: CPU tasks
+    tasks_per_node: Optional[int] = None  # default: one per GPU (1 without GPUs)
+    cpus_per_task: int = 8
+    mem: Optional[str] = None  # e.g. "0" (all of the node's memory), "200G"
+    time: str = "24:00:00"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    job_name: Optional[str] = None  # default: the experiment name
+    signal: str = "USR1"  # sent to every task signal_seconds before the time limit
+    signal_seconds: int = 90
+    max_requeues: int = 100
+    log_dir: Optional[str] = None  # default: <run_dir>/slurm
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, venv, ...)
+    extra_directives: list[str] = field(default_factory=list)  # e.g. ["--exclusive", "--constraint=h100"]
+    python: Optional[str] = None  # interpreter on the nodes; default: the one running trainer.submit
+    dry_run: bool = False  # print the sbatch script instead of submitting it
+
+    def __post_init__(self) -> None:
+        _check_int("slurm", "nodes", self.nodes, 1)
+        _check_int("slurm", "gpus_per_node", self.gpus_per_node, 0)
+        if self.tasks_per_node is not None:
+            _check_int("slurm", "tasks_per_node", self.tasks_per_node, 1)
+        _check_int("slurm", "cpus_per_task", self.cpus_per_task, 1)
+        if self.signal not in SIGNALS:
+            raise _bad("slurm", "signal", self.signal, f"one of {SIGNALS}")
+        _check_int("slurm", "signal_seconds", self.signal_seconds, 1)
+        _check_int("slurm", "max_requeues", self.max_requeues, 0)
+        for d in self.extra_directives:
+            if not d.startswith("--"):
+                raise _bad("slurm", "extra_directives", d, "sbatch options written as --name[=value]")
+
+    @property
+    def ntasks_per_node(self) -> int:
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+
 @dataclass
 class TrainConfig:
     experiment: str = "demo"
@@ -357,6 +403,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:

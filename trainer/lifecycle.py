@@ -9,9 +9,11 @@ stops after the same step and writes the same checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +44,26 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def requeue_slurm_job(max_requeues: int, environ: Mapping[str, str] = os.environ,
+                      run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> bool:
+    """Requeue this SLURM job (``scontrol requeue $SLURM_JOB_ID``) unless it has been requeued
+    ``max_requeues`` times already (``SLURM_RESTART_COUNT``). Call on one rank, after the checkpoint.
+    Returns whether the job was requeued; outside SLURM it does nothing."""
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return False
+    restarts = int(environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts >= max_requeues:
+        log.warning("SLURM job %s was requeued %d times (slurm.max_requeues=%d): not requeuing again; "
+                    "resubmit to continue from the checkpoint", job_id, restarts, max_requeues)
+        return False
+    proc = run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if proc.returncode != 0:
+        log.error("scontrol requeue %s failed (exit %d): %s; resubmit to continue from the checkpoint",
+                  job_id, proc.returncode, (proc.stderr or proc.stdout).strip())
+        return False
+    log.warning("requeued SLURM job %s (restart %d of at most %d); it resumes from the checkpoint",
+                job_id, restarts + 1, max_requeues)
+    return True

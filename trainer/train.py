@@ -430,10 +430,10 @@ class Trainer:
 
     def train(self) -> int:
         """Runs to ``train.max_steps`` or a stop signal; returns the process exit code."""
-        from trainer.lifecycle import StopRequest
+        from trainer.lifecycle import StopRequest, requeue_slurm_job
 
         cfg = self.cfg
-        stop = StopRequest()
+        stop = StopRequest(("SIGTERM", "SIG" + cfg.slurm.signal))
         consecutive_nan = 0
         last_eval: dict[str, Any] = {}
         start_step = self.step
@@ -477,6 +477,10 @@ class Trainer:
             if stopping:
                 log.warning("stopped by %s after step %d with a checkpoint; run the same command to resume",
                             stop.received or "a signal on another rank", self.step)
+                # The time-limit signal (not scancel's SIGTERM): the job goes back in the queue.
+                requeue = distributed.any_rank(stop.received == "SIG" + cfg.slurm.signal, self.device)
+                if requeue and self.env.rank == 0:
+                    requeue_slurm_job(cfg.slurm.max_requeues)
                 break
             scheduled = [n for n in (cfg.eval.interval_steps, cfg.logging.image_interval_steps) if n]
             if any(self.step % n == 0 for n in scheduled) and self.step < cfg.train.max_steps:

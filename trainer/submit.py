@@ -1,0 +1,96 @@
+"""``python -m trainer.submit <trainer.train overrides> [slurm.nodes=4 slurm.gpus_per_node=8 ...] [--dry-run]``
+
+Renders ``slurm/train.sbatch`` from the same Hydra config as ``trainer.train`` (so a wrong key fails
+here, before anything is queued), writes it beside the run, submits it with ``sbatch`` and prints
+the job id, the log file, the run directory and where the W&B run lives. ``--dry-run`` (or
+``slurm.dry_run=true``) prints the script instead. The job checkpoints on ``slurm.signal`` and
+requeues itself; every restart resumes the same run (same checkpoints, data position, W&B run).
+"""
+
+from __future__ import annotations
+
+import shlex
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "slurm" / "train.sbatch"
+CONF_DIR = str(ROOT / "conf")
+SUBMIT_ONLY = ("slurm.dry_run",)  # overrides that concern submission, not the job
+
+
+def render_train_script(cfg: TrainConfig, overrides: list[str]) -> str:
+    """The sbatch script for ``cfg``; ``overrides`` are passed to ``trainer.train`` in the job."""
+    s = cfg.slurm
+    directives = []
+    if s.gpus_per_node:
+        directives.append(f"--gpus-per-node={s.gpus_per_node}")
+    for key in ("partition", "account", "qos", "mem"):
+        if getattr(s, key):
+            directives.append(f"--{key}={getattr(s, key)}")
+    directives += list(s.extra_directives)
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith(SUBMIT_ONLY)]
+    run_dir = Path(cfg.run_dir).resolve()
+    if not any(o.startswith("run_dir=") for o in job_overrides):
+        job_overrides.append(f"run_dir={run_dir}")  # the same folder on every restart, wherever sbatch ran
+    values = {
+        "job_name": s.job_name or cfg.experiment, "nodes": s.nodes, "ntasks_per_node": s.ntasks_per_node,
+        "cpus_per_task": s.cpus_per_task, "time": s.time, "signal": s.signal, "signal_seconds": s.signal_seconds,
+        "log_dir": str(Path(s.log_dir).resolve() if s.log_dir else run_dir / "slurm"),
+        "directives": "\n".join(f"#SBATCH {d}" for d in directives),
+        "setup": "\n".join(s.setup), "python": shlex.quote(s.python or sys.executable),
+        "overrides": " ".join(shlex.quote(o) for o in job_overrides),
+    }
+    return string.Template(TEMPLATE.read_text()).substitute(values)
+
+
+def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
+    """Write the script under ``<run_dir>/slurm/`` and ``sbatch`` it: (job id, script, log file)."""
+    from trainer.images import atomic_write_bytes
+
+    s = cfg.slurm
+    log_dir = Path(s.log_dir).resolve() if s.log_dir else Path(cfg.run_dir).resolve() / "slurm"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    atomic_write_bytes(path, script.encode())
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError("sbatch is not on PATH: run trainer.submit on a SLURM login node "
+                           "(or use --dry-run to see the script)") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"sbatch {path} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    return job_id, path, log_dir / f"{s.job_name or cfg.experiment}-{job_id}.out"
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
+def main(dict_cfg: DictConfig) -> None:
+    cfg: TrainConfig = OmegaConf.to_object(dict_cfg)  # validates every group before anything is queued
+    script = render_train_script(cfg, list(HydraConfig.get().overrides.task))
+    if cfg.slurm.dry_run:
+        print(script, end="")
+        return
+    job_id, path, log_file = submit(script, cfg)
+    run_dir = Path(cfg.run_dir).resolve()
+    print(f"submitted job {job_id}\n  script:  {path}\n  log:     {log_file}\n  run dir: {run_dir}\n"
+          f"  W&B:     {run_dir / 'wandb'} (mode {cfg.logging.wandb_mode}; the run id is kept in the checkpoints "
+          f"and reused by every restart)")
+
+
+def _argv_with_dry_run(argv: list[str]) -> list[str]:
+    return [a for a in argv if a != "--dry-run"] + (["slurm.dry_run=true"] if "--dry-run" in argv else [])
+
+
+if __name__ == "__main__":
+    sys.argv = _argv_with_dry_run(sys.argv)
+    main()
