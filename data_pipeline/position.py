@@ -33,6 +33,7 @@ SKIP_REASONS = (
     "missing_image", "missing_caption", "empty_caption", "caption_not_utf8",
     "empty_image", "undecodable_image", "oversized_image", "bad_metadata",
     "filtered_min_size", "filtered_aspect_ratio", "filtered_caption_length", "filtered_score",
+    "missing_latent", "undecodable_latent",
 )
 
 

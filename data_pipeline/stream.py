@@ -24,7 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, decode_sample
+from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
+from data_pipeline.latents import decode_sample_parts
 from data_pipeline.position import Progress, SourceInfo, SKIP_REASONS
 from data_pipeline.shards import RawSample, ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
@@ -59,6 +60,7 @@ class StreamSpec:
     s3: S3Options = field(default_factory=S3Options)
     storage_options: tuple[tuple[str, Any], ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    latents: bool = False  # the shards are a latent cache (data_pipeline.latents), not images
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -188,29 +190,49 @@ class _Slot:
         stats = self.stats[ref.source]
         stats.decoded += 1
         try:
-            rng = np.random.default_rng([spec.seed, ref.position & 0xFFFFFFFF, ref.position >> 32])
-            out = decode_sample(ref.parts, image_keys=spec.image_keys, caption_key=spec.caption_key,
-                                image_size=spec.image_size, transform=spec.transform, rng=rng,
-                                filters=spec.filters, buckets=spec.buckets)
+            example = self._cached_example(ref) if spec.latents else self._image_example(ref)
         except BadSample as bad:
             log.debug("sample %s of %s skipped: %s", ref.key, ref.url, bad)
             self.events.items.append(("skip", ref.source, ref.epoch, ref.shard, ref.index, bad.reason))
             self._check_usable(ref.source)
             return None
         stats.good += 1
+        example.update(key=ref.key, id=(ref.source, ref.epoch, ref.shard, ref.index), position=ref.position)
+        return example
+
+    def _image_example(self, ref: _Ref) -> dict[str, Any]:
+        spec = self.spec
+        rng = np.random.default_rng([spec.seed, ref.position & 0xFFFFFFFF, ref.position >> 32])
+        out = decode_sample(ref.parts, image_keys=spec.image_keys, caption_key=spec.caption_key,
+                            image_size=spec.image_size, transform=spec.transform, rng=rng,
+                            filters=spec.filters, buckets=spec.buckets)
         ex = out.example
-        return {"bucket": out.bucket, "image": ex.image, "caption": out.caption, "key": ref.key,
-                "id": (ref.source, ref.epoch, ref.shard, ref.index), "position": ref.position,
+        return {"bucket": out.bucket, "image": ex.image, "caption": out.caption,
                 "original_size": ex.original_size, "crop_top_left": ex.crop_top_left}
 
+    def _cached_example(self, ref: _Ref) -> dict[str, Any]:
+        """A latent-cache sample (``data_pipeline.latents``): the posterior instead of pixels."""
+        meta = metadata_of(ref.parts) or {}
+        caption = caption_of(ref.parts, self.spec.caption_key, meta)
+        mean, logvar = decode_sample_parts(ref.parts)
+        return {"bucket": tuple(mean.shape), "latent_mean": mean, "latent_logvar": logvar, "caption": caption,
+                "original_size": tuple(meta.get("original_size", (0, 0))),
+                "crop_top_left": tuple(meta.get("crop_top_left", (0, 0)))}
+
     def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        images = torch.from_numpy(np.stack([e["image"] for e in examples])).permute(0, 3, 1, 2).contiguous()
-        return {"images": images, "captions": [e["caption"] for e in examples],
-                "keys": [e["key"] for e in examples], "ids": [e["id"] for e in examples],
-                "positions": [e["position"] for e in examples],
-                "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.int64),
-                "crop_top_left": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.int64),
-                "events": self.events.take(), "slot": self.slot}
+        batch: dict[str, Any] = {
+            "captions": [e["caption"] for e in examples], "keys": [e["key"] for e in examples],
+            "ids": [e["id"] for e in examples], "positions": [e["position"] for e in examples],
+            "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.int64),
+            "crop_top_left": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.int64),
+            "events": self.events.take(), "slot": self.slot}
+        if self.spec.latents:
+            batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
+            if all(e["latent_logvar"] is not None for e in examples):
+                batch["latent_logvar"] = torch.stack([e["latent_logvar"] for e in examples])
+        else:
+            batch["images"] = torch.from_numpy(np.stack([e["image"] for e in examples])).permute(0, 3, 1, 2).contiguous()
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
@@ -268,6 +290,11 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
                    read_timeout_s=data.s3.read_timeout_s, max_attempts=data.s3.max_attempts)
     extra = dict(data.storage_options or {})
     raw_sources = list(data.sources) or [{"name": "default", "urls": list(data.urls), "weight": 1.0}]
+    if data.latent_cache:
+        from data_pipeline.latents import cache_shard_urls
+
+        raw_sources = [{"name": "latents", "urls": cache_shard_urls(data.latent_cache, storage_options_for(
+            data.latent_cache, s3, extra))[1], "weight": 1.0}]
     sources, weights = [], []
     for i, src in enumerate(raw_sources):
         name = src.get("name") or f"source{i}"
@@ -296,7 +323,7 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
         transform=Transform(crop=data.crop, flip_prob=data.flip_prob, max_pixels=data.max_pixels, draft=data.draft),
         filters=filters, buckets=buckets, s3=s3, storage_options=tuple(sorted(extra.items())),
         retry=RetryPolicy(max_retries=data.retry.max_retries, backoff_s=data.retry.backoff_s,
-                          max_backoff_s=data.retry.max_backoff_s))
+                          max_backoff_s=data.retry.max_backoff_s), latents=bool(data.latent_cache))
 
 
 class StreamingBatches:
@@ -395,7 +422,8 @@ class StreamingBatches:
         out = []
         for _ in range(self.gradient_accumulation):
             batch = self.next_batch()
-            batch["images"] = batch["images"].float() / 127.5 - 1.0
+            if "images" in batch:
+                batch["images"] = batch["images"].float() / 127.5 - 1.0
             out.append(batch)
         return out
 

@@ -139,6 +139,11 @@ class DataConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     # Start the data afresh on resume instead of refusing a position saved for other data.
     reset_position: bool = False
+    # Train from a latent cache made by `python -m data_pipeline.precompute` (its folder or URL)
+    # instead of encoding images at every step; its manifest must match this job's autoencoder,
+    # resolution and crop policy unless latent_cache_check=false.
+    latent_cache: Optional[str] = None
+    latent_cache_check: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -322,6 +327,8 @@ class TrainLoopConfig:
     # Steps whose loss is replaced by NaN: rehearses the NaN guard end to end (tests, drills).
     inject_nan_at_steps: list[int] = field(default_factory=list)
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+    # Draw z ~ q(z|x) (CompVis' LatentDiffusion does); false trains on the posterior mean.
+    sample_posterior: bool = True
 
     def __post_init__(self) -> None:
         _check_int("train", "max_steps", self.max_steps, 1)
@@ -390,6 +397,26 @@ class SlurmConfig:
 
 
 @dataclass
+class PrecomputeConfig:
+    """``python -m data_pipeline.precompute``: encode this experiment's data with its autoencoder."""
+
+    out: Optional[str] = None  # the cache folder or URL (required)
+    store: str = "mean_logvar"  # or "mean": only the posterior mean
+    dtype: str = "fp16"  # or fp32
+    format: str = "safetensors"  # or npy
+    batch_size: int = 32
+    device: str = "auto"  # auto: the GPU of this rank when there is one
+
+    def __post_init__(self) -> None:
+        from data_pipeline.latents import DTYPES, FORMATS, STORES
+
+        for key, allowed in (("store", STORES), ("dtype", DTYPES), ("format", FORMATS), ("device", DEVICES)):
+            if getattr(self, key) not in allowed:
+                raise _bad("precompute", key, getattr(self, key), f"one of {allowed}")
+        _check_int("precompute", "batch_size", self.batch_size, 1)
+
+
+@dataclass
 class TrainConfig:
     experiment: str = "demo"
     run_dir: str = "runs/demo"
@@ -404,6 +431,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:

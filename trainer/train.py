@@ -124,7 +124,7 @@ def load_training_data(cfg: TrainConfig, env: distributed.DistEnv):
 def build_batches(cfg: TrainConfig, env: distributed.DistEnv, accum: int, device: torch.device):
     """The trainer's batch source: the in-memory digits, or streamed webdataset shards.
     Returns (batches, digits_info or None)."""
-    if cfg.data.kind == "digits":
+    if cfg.data.kind == "digits" and not cfg.data.latent_cache:
         from data_pipeline.indexed import InMemoryBatches
 
         samples, digits_info = load_training_data(cfg, env)
@@ -174,6 +174,8 @@ class Trainer:
         module = DiffusionTrainModule(parts.unet, parts.text_encoder if self.text_trainable else None)
         self.frozen_text = None if self.text_trainable else parts.text_encoder.to(self.device).eval()
         self.first_stage = parts.first_stage.to(self.device).eval()
+        if cfg.data.latent_cache and cfg.data.latent_cache_check:
+            self._check_latent_cache()
         load_universal = False
         if self.resume_point is not None and ckpt.needs_universal(self.resume_point.state, env.world_size):
             load_universal = True
@@ -205,6 +207,17 @@ class Trainer:
                  cfg.model.name, f"{trainable:,}", " + text encoder" if self.text_trainable else "",
                  cfg.deepspeed.zero_stage, cfg.deepspeed.precision, env.world_size, cfg.train.global_batch_size,
                  cfg.train.micro_batch_size, self.accum, env.world_size, self.device)
+
+    def _check_latent_cache(self) -> None:
+        from data_pipeline.latents import cache_shard_urls, check_manifest
+        from data_pipeline.precompute import cache_spec
+        from data_pipeline.stream import spec_from_config
+
+        cfg = self.cfg
+        manifest, _ = cache_shard_urls(cfg.data.latent_cache, spec_from_config(cfg.data, 1).options_for(cfg.data.latent_cache))
+        check_manifest(manifest, cache_spec(cfg, self.first_stage), f"data.latent_cache={cfg.data.latent_cache!r}")
+        log.info("training from the latent cache %s (%d samples; autoencoder %s...)", cfg.data.latent_cache,
+                 manifest["samples"], manifest["spec"]["autoencoder_sha256"][:12])
 
     def _find_resume(self):
         resume = self.cfg.checkpoint.resume
@@ -282,16 +295,27 @@ class Trainer:
         with torch.no_grad():
             return self.frozen_text(tokens)  # (B, L, D)
 
+    def _posterior(self, batch: dict):
+        """q(z|x) of the batch: from the latent cache, or by encoding the images."""
+        from trainer.models.autoencoder import DiagonalGaussianDistribution
+
+        if "latent_mean" not in batch:
+            return self.first_stage.encode(batch["images"].to(self.device))  # images (B, 3, H, W) in [-1, 1]
+        mean = batch["latent_mean"].to(self.device)
+        logvar = batch.get("latent_logvar")
+        if logvar is None:  # a cache of means only: the posterior's mode
+            return DiagonalGaussianDistribution(torch.cat([mean, torch.zeros_like(mean)], 1), deterministic=True)
+        return DiagonalGaussianDistribution(torch.cat([mean, logvar.to(self.device)], 1))
+
     def _micro_batch_loss(self, batch: dict) -> torch.Tensor:
         cfg = self.cfg
-        images = batch["images"].to(self.device)  # (B, 3, H, W) in [-1, 1]
         gens = [sample_generator(cfg.train.seed, p) for p in batch["positions"]]
         drop = [bool(torch.rand((), generator=g) < cfg.diffusion.cond_drop_prob) for g in gens]
         captions = ["" if d else c for c, d in zip(batch["captions"], drop)]
         with torch.no_grad():
-            posterior = self.first_stage.encode(images)
+            posterior = self._posterior(batch)
             z = posterior.mean
-            if not posterior.deterministic:
+            if not posterior.deterministic and cfg.train.sample_posterior:
                 eps = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens]).to(z)
                 z = z + posterior.std * eps
             x0 = self.first_stage.to_latent(z).float()  # (B, C, h, w)

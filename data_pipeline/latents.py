@@ -1,0 +1,132 @@
+"""The latent cache: autoencoder posteriors of a shard set, stored as webdataset shards with a manifest.
+
+Layout of a cache at ``<out>`` (any fsspec URL):
+
+- ``<name>.tar`` per source shard ``<name>.tar`` (same keys): ``{key}.latent.safetensors`` (tensors
+  ``mean`` and, unless only means are kept, ``logvar``; fp16 or fp32) or ``{key}.mean.npy`` /
+  ``{key}.logvar.npy`` (``np.load(allow_pickle=False)``), ``{key}.txt`` the caption and ``{key}.json``
+  the source metadata plus ``original_size``, ``crop_top_left`` and ``latent_shape``;
+- ``<name>.tar.json`` beside each finished shard: its sample count and skips by reason (written after
+  the tar, so a shard without it is redone);
+- ``manifest.json``: what the cache was made from and with (autoencoder checksum and config, scale
+  and shift, resolution, crop policy, source shard list with counts, skips, time, version).
+
+Training from a cache compares the manifest with its own config (``check_manifest``) and refuses a
+mismatch, naming the fields, unless ``data.latent_cache_check=false``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from data_pipeline.decode import BadSample
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+STORES = ("mean_logvar", "mean")
+DTYPES = ("fp16", "fp32")
+FORMATS = ("safetensors", "npy")
+
+
+def module_checksum(module: torch.nn.Module) -> str:
+    """sha256 over a module's tensors (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What makes two caches interchangeable; the manifest stores it and training compares it."""
+
+    autoencoder_sha256: str
+    autoencoder: dict[str, Any]
+    scale_factor: float
+    shift_factor: float
+    image_size: int
+    crop: str
+    buckets: list
+    store: str
+    dtype: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_manifest(manifest: dict[str, Any], expected: CacheSpec, where: str) -> None:
+    """Refuse a cache made otherwise than this job would make it, naming each differing field."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{where}: cache format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}")
+    theirs = manifest.get("spec", {})
+    diffs = [f"{k}: cache {theirs.get(k)!r}, this job {v!r}" for k, v in expected.as_dict().items()
+             if k != "store" and k != "dtype" and theirs.get(k) != v]
+    if diffs:
+        raise ValueError(f"{where} was made with other settings than this job's:\n  " + "\n  ".join(diffs)
+                         + "\nre-run the precompute for this config, or set data.latent_cache_check=false to use it anyway")
+
+
+def encode_sample_parts(mean: torch.Tensor, logvar: Optional[torch.Tensor], *, dtype: str, fmt: str) -> dict[str, bytes]:
+    """Tar members (extension -> bytes) holding one sample's posterior."""
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    tensors = {"mean": mean.to(torch_dtype).contiguous()}
+    if logvar is not None:
+        tensors["logvar"] = logvar.to(torch_dtype).contiguous()
+    if fmt == "safetensors":
+        return {"latent.safetensors": save_safetensors(tensors)}
+    out = {}
+    for name, t in tensors.items():
+        buf = io.BytesIO()
+        np.save(buf, t.numpy(), allow_pickle=False)
+        out[f"{name}.npy"] = buf.getvalue()
+    return out
+
+
+def decode_sample_parts(parts: dict[str, bytes]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(mean, logvar or None) as float32 from a cached sample's members; ``BadSample`` if damaged."""
+    try:
+        if "latent.safetensors" in parts:
+            tensors = load_safetensors(parts["latent.safetensors"])
+        elif "mean.npy" in parts:
+            tensors = {name: torch.from_numpy(np.load(io.BytesIO(parts[f"{name}.npy"]), allow_pickle=False))
+                       for name in ("mean", "logvar") if f"{name}.npy" in parts}
+        else:
+            raise BadSample("missing_latent", f"parts {sorted(parts)}")
+    except BadSample:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged member raises several types
+        raise BadSample("undecodable_latent", f"{type(e).__name__}: {e}") from None
+    if "mean" not in tensors:
+        raise BadSample("missing_latent", "no mean tensor")
+    logvar = tensors.get("logvar")
+    return tensors["mean"].float(), (logvar.float() if logvar is not None else None)
+
+
+def cache_shard_urls(cache: str, storage_options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(manifest, shard URLs) of a complete cache; a missing manifest is a clear error."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(cache, **storage_options)
+    manifest = read_json(fs, f"{root.rstrip('/')}/{MANIFEST}")
+    if manifest is None:
+        raise FileNotFoundError(f"data.latent_cache={cache!r} has no {MANIFEST}: the precompute did not finish "
+                                f"(rerun `python -m data_pipeline.precompute ... precompute.out={cache}`)")
+    return manifest, [f"{cache.rstrip('/')}/{name}" for name in manifest["shards"]]
+
+
+def read_json(fs, path: str) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(fs.cat_file(path).decode())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,256 @@
+"""``python -m data_pipeline.precompute <trainer.train overrides> precompute.out=<folder or URL>``
+
+Encodes an experiment's training shards with its autoencoder (the one ``trainer.train`` would build:
+same config, seed, pretrained files, ``model.init_from``) into a latent cache (``data_pipeline.latents``),
+one output shard per input shard with the same keys. Samples are read and decoded by the training
+pipeline's own reader and decoder (same crops, same bad-data skips, counted per reason).
+
+Parallel and resumable: shard ``i`` belongs to worker ``i % count``, where the workers are the tasks
+of a SLURM array (``SLURM_ARRAY_TASK_ID``), of ``srun``, or the ranks of ``torchrun`` / the DeepSpeed
+launcher; no process group is needed. A finished shard (its tar and ``.tar.json`` sidecar) is
+skipped on rerun, so a killed job redoes only what is missing; the worker that finds every shard
+done writes ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import fsspec
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data_pipeline.decode import BadSample, Transform, decode_sample
+from data_pipeline.latents import FORMAT_VERSION, MANIFEST, CacheSpec, encode_sample_parts, module_checksum, read_json
+from data_pipeline.shards import ShardEnd, ShardTask, read_shard
+from data_pipeline.writer import ShardWriter
+from trainer import config as _train_config  # noqa: F401 - registers the train_schema of conf/train.yaml
+
+log = logging.getLogger("data_pipeline.precompute")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def worker_slot(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(index, count) of this worker: a SLURM array task, else a torchrun / srun rank."""
+    if "SLURM_ARRAY_TASK_ID" in environ:
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"])
+    from trainer.distributed import detect_env
+
+    env = detect_env(environ)
+    return env.rank, env.world_size
+
+
+def cache_spec(cfg, first_stage: torch.nn.Module) -> CacheSpec:
+    ae = cfg.model.autoencoder
+    from dataclasses import asdict
+
+    from data_pipeline.decode import aspect_buckets
+
+    buckets = aspect_buckets(cfg.data.image_size, step=cfg.data.buckets.step, max_ratio=cfg.data.buckets.max_ratio) \
+        if cfg.data.buckets.enabled else []
+    return CacheSpec(autoencoder_sha256=module_checksum(first_stage), autoencoder={k: v for k, v in asdict(ae).items()
+                                                                                     if k != "checkpoint_path"},
+                     scale_factor=ae.scale_factor, shift_factor=ae.shift_factor, image_size=cfg.data.image_size,
+                     crop=cfg.data.crop, buckets=[list(b) for b in buckets], store=cfg.precompute.store,
+                     dtype=cfg.precompute.dtype)
+
+
+def source_urls(cfg) -> list[str]:
+    """The raw shards of the experiment (the digits demo is built first when needed)."""
+    if cfg.data.kind == "digits":
+        from data_pipeline.demo_digits import build_digits_shards, read_digits_manifest
+
+        root = Path(cfg.data.root)
+        try:
+            info = read_digits_manifest(root)
+        except (FileNotFoundError, ValueError):
+            build_digits_shards(root, image_size=cfg.data.image_size, seed=cfg.data.seed)
+            info = read_digits_manifest(root)
+        from data_pipeline.sources import expand_urls
+
+        return expand_urls([info.train_url])
+    from data_pipeline.stream import spec_from_config
+
+    spec = spec_from_config(cfg.data, 1)
+    if len(spec.sources) != 1:
+        raise ValueError(f"precompute one data source at a time; data.sources has {len(spec.sources)}")
+    return list(spec.sources[0].urls)
+
+
+def _names(urls: list[str]) -> list[str]:
+    names = [u.rstrip("/").rsplit("/", 1)[-1] for u in urls]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"source shards share file names {dupes[:5]}: one cache folder cannot hold them apart")
+    return names
+
+
+def encode_shard(index: int, url: str, out_url: str, cfg, first_stage: torch.nn.Module, device: torch.device,
+                 storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Encode one source shard into ``out_url``; returns its sidecar record."""
+    data, pre = cfg.data, cfg.precompute
+    transform = Transform(crop=data.crop, flip_prob=0.0, max_pixels=data.max_pixels, draft=data.draft)
+    from data_pipeline.decode import aspect_buckets
+
+    buckets = aspect_buckets(data.image_size, step=data.buckets.step, max_ratio=data.buckets.max_ratio) \
+        if data.buckets.enabled else ()
+    skipped: Counter = Counter()
+    samples: list[tuple[str, dict[str, Any], np.ndarray, dict[str, bytes]]] = []
+    for item in read_shard(ShardTask(index, url), storage_options, _retry(cfg)):
+        if isinstance(item, ShardEnd):
+            if item.status != "ok":
+                skipped[f"{item.status}_shard"] += 1
+                log.warning("shard %s is %s (%s); %d samples read", url, item.status, item.error, item.count)
+            continue
+        rng = np.random.default_rng([data.seed, index, item.index])
+        try:
+            out = decode_sample(item.parts, image_keys=data.image_keys, caption_key=data.caption_key,
+                                image_size=data.image_size, transform=transform, rng=rng, buckets=buckets)
+        except BadSample as bad:
+            skipped[bad.reason] += 1
+            continue
+        meta = json.loads(item.parts["json"]) if "json" in item.parts else {}
+        meta = meta if isinstance(meta, dict) else {}
+        meta.update(original_size=list(out.example.original_size), crop_top_left=list(out.example.crop_top_left))
+        samples.append((item.key, meta, out.example.image, {"txt": out.caption.encode()}))
+    # Encode in batches of one shape (buckets), then write in the shard's order.
+    latents: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (_, _, image, _) in enumerate(samples):
+        by_shape.setdefault(image.shape, []).append(i)
+    with torch.no_grad():
+        for idx in by_shape.values():
+            for start in range(0, len(idx), pre.batch_size):
+                chunk = idx[start:start + pre.batch_size]
+                x = torch.from_numpy(np.stack([samples[i][2] for i in chunk])).permute(0, 3, 1, 2).float()
+                x = (x / 127.5 - 1.0).to(device)
+                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+                with autocast:
+                    posterior = first_stage.encode(x)
+                mean = posterior.mean.float().cpu()
+                logvar = posterior.logvar.float().cpu() if pre.store == "mean_logvar" and not posterior.deterministic \
+                    else None
+                for j, i in enumerate(chunk):
+                    latents[i] = (mean[j], logvar[j] if logvar is not None else None)
+    with ShardWriter(out_url, storage_options) as writer:
+        for i, (key, meta, _, parts) in enumerate(samples):
+            mean, logvar = latents[i]
+            meta["latent_shape"] = list(mean.shape)
+            writer.write(key, {**parts, "json": json.dumps(meta, sort_keys=True).encode(),
+                               **encode_sample_parts(mean, logvar, dtype=pre.dtype, fmt=pre.format)})
+    return {"source": url, "samples": len(samples), "skipped": dict(sorted(skipped.items()))}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _retry(cfg):
+    from data_pipeline.sources import RetryPolicy
+
+    r = cfg.data.retry
+    return RetryPolicy(max_retries=r.max_retries, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s)
+
+
+def _write_json(fs, path: str, obj: dict[str, Any]) -> None:
+    """Atomic for local folders (temp + rename); a single PUT on object stores."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fs.pipe_file(tmp, data)
+    try:
+        fs.mv(tmp, path)
+    except NotImplementedError:
+        fs.pipe_file(path, data)
+        fs.rm_file(tmp)
+
+
+def run_precompute(cfg) -> dict[str, Any] | None:
+    """This worker's share of the cache; returns the manifest when this worker completed it."""
+    from trainer.inference import build_model
+
+    pre = cfg.precompute
+    if not pre.out:
+        raise ValueError("precompute.out is not set: give the cache folder or URL (precompute.out=<...>)")
+    index, count = worker_slot()
+    urls = source_urls(cfg)
+    names = _names(urls)
+    from data_pipeline.sources import S3Options, storage_options_for
+
+    s = cfg.data.s3
+    s3 = S3Options(endpoint_url=s.endpoint_url, profile=s.profile, anon=s.anon, region=s.region,
+                   connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s, max_attempts=s.max_attempts)
+    out_opts = storage_options_for(pre.out, s3, dict(cfg.data.storage_options))
+    fs, root = fsspec.core.url_to_fs(pre.out, **out_opts)
+    fs.makedirs(root, exist_ok=True)
+    use_cuda = pre.device == "cuda" or (pre.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    first_stage = build_model(cfg).first_stage.to(device).eval()
+    spec = cache_spec(cfg, first_stage)
+    mine = [i for i in range(len(urls)) if i % count == index]
+    todo = [i for i in mine if read_json(fs, f"{root}/{names[i]}.json") is None or not fs.exists(f"{root}/{names[i]}")]
+    log.info("worker %d/%d: %d of its %d shards to encode (of %d) into %s", index, count, len(todo), len(mine),
+             len(urls), pre.out)
+    t0, done_samples = time.time(), 0
+    for n, i in enumerate(todo):
+        for stale in fs.glob(f"{root}/{names[i]}.tmp-*"):  # a killed run's partial output
+            fs.rm_file(stale)
+        record = encode_shard(i, urls[i], f"{pre.out.rstrip('/')}/{names[i]}", cfg, first_stage, device,
+                              storage_options_for(urls[i], s3, dict(cfg.data.storage_options)))
+        _write_json(fs, f"{root}/{names[i]}.json", record)  # the shard counts as done from here
+        done_samples += record["samples"]
+        if index == 0:
+            rate = done_samples / max(time.time() - t0, 1e-9)
+            eta = (time.time() - t0) / (n + 1) * (len(todo) - n - 1)
+            print(f"\r[precompute] {n + 1}/{len(todo)} shards, {done_samples} samples, {rate:.1f} samples/s, "
+                  f"ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+    if index == 0 and todo:
+        print(file=sys.stderr)
+    records = [read_json(fs, f"{root}/{name}.json") for name in names]
+    if any(r is None for r in records):
+        log.info("worker %d/%d done; %d shards are still being encoded by other workers", index, count,
+                 sum(r is None for r in records))
+        return None
+    from importlib.metadata import version
+
+    if not sum(r["samples"] for r in records):
+        raise ValueError(f"no usable sample in the {len(urls)} source shards (e.g. {urls[0]}); see the log above")
+    skipped: Counter = Counter()
+    for r in records:
+        skipped.update(r["skipped"])
+    manifest = {"format_version": FORMAT_VERSION, "spec": spec.as_dict(), "shards": names,
+                "sources": [{"url": r["source"], "samples": r["samples"]} for r in records],
+                "samples": sum(r["samples"] for r in records), "skipped": dict(sorted(skipped.items())),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "software": f"ldm-platform {version('ldm-platform')}"}
+    _write_json(fs, f"{root}/{MANIFEST}", manifest)
+    log.info("cache complete: %d samples in %d shards at %s (skipped: %s)", manifest["samples"], len(names),
+             pre.out, manifest["skipped"])
+    return manifest
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
+def main(dict_cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cfg = OmegaConf.to_object(dict_cfg)
+    try:
+        run_precompute(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
