@@ -103,3 +103,28 @@ def test_preempted_job_checkpoints_requeues_itself_and_matches_an_uninterrupted_
     assert "requeued SLURM job" in log and "(restart 1)" in log
     assert losses(preempted) == losses(plain)  # no lost or repeated step, bitwise
     assert len(_wandb_ids(preempted)) == 1 and len(list((preempted / "wandb").glob("offline-run-*"))) == 2
+
+
+@pytest.mark.slow
+def test_precompute_job_array_matches_one_process(slurm_cluster, tmp_path) -> None:
+    digits = ROOT / ".cache" / "data" / "digits16"
+    base = ["experiment=tiny", "model=tiny_kl", f"data.root={digits}", "precompute.dtype=fp32"]
+    single, array = tmp_path / "single", tmp_path / "array"
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline.precompute", *base, f"precompute.out={single}"],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**train_env(), **slurm_cluster.env}
+    proc = subprocess.run([*SUBMIT, *base, f"precompute.out={array}", f"run_dir={tmp_path}/run", "slurm.job=precompute",
+                           "slurm.array_tasks=2", "slurm.gpus_per_node=0", "slurm.cpus_per_task=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = proc.stdout.split("submitted job ", 1)[1].split()[0]
+    deadline = time.time() + 600
+    while slurm_cluster.run("squeue", "-h", "-j", job, check=False).stdout.strip():
+        assert time.time() < deadline, _log(tmp_path / "run")
+        time.sleep(1)
+    log = _log(tmp_path / "run")
+    assert "task 0 of 2" in log and "task 1 of 2" in log, log
+    assert (array / "manifest.json").exists(), log
+    assert {p.name: p.read_bytes() for p in array.glob("*.tar")} == {p.name: p.read_bytes() for p in single.glob("*.tar")}
+    assert len(list(array.glob("*.tar"))) == 7

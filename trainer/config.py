@@ -351,6 +351,7 @@ class TrainLoopConfig:
 
 
 SIGNALS = ("USR1", "USR2", "TERM")
+SLURM_JOBS = ("train", "precompute")
 
 
 @dataclass
@@ -358,6 +359,8 @@ class SlurmConfig:
     """How ``trainer.submit`` asks SLURM for the job (``slurm/train.sbatch``), and how the running job
     handles the time-limit signal: checkpoint, then requeue itself (up to ``max_requeues`` times)."""
 
+    job: str = "train"  # or "precompute": the latent cache as a job array of array_tasks tasks
+    array_tasks: int = 8
     nodes: int = 1
     gpus_per_node: int = 8  # 0: CPU tasks
     tasks_per_node: Optional[int] = None  # default: one per GPU (1 without GPUs)
@@ -378,6 +381,9 @@ class SlurmConfig:
     dry_run: bool = False  # print the sbatch script instead of submitting it
 
     def __post_init__(self) -> None:
+        if self.job not in SLURM_JOBS:
+            raise _bad("slurm", "job", self.job, f"one of {SLURM_JOBS}")
+        _check_int("slurm", "array_tasks", self.array_tasks, 1)
         _check_int("slurm", "nodes", self.nodes, 1)
         _check_int("slurm", "gpus_per_node", self.gpus_per_node, 0)
         if self.tasks_per_node is not None:

@@ -23,34 +23,42 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = ROOT / "slurm" / "train.sbatch"
+TEMPLATES = {"train": ROOT / "slurm" / "train.sbatch", "precompute": ROOT / "slurm" / "precompute.sbatch"}
 CONF_DIR = str(ROOT / "conf")
 SUBMIT_ONLY = ("slurm.dry_run",)  # overrides that concern submission, not the job
 
 
-def render_train_script(cfg: TrainConfig, overrides: list[str]) -> str:
-    """The sbatch script for ``cfg``; ``overrides`` are passed to ``trainer.train`` in the job."""
+def render_script(cfg: TrainConfig, overrides: list[str]) -> str:
+    """The sbatch script of ``cfg.slurm.job``; ``overrides`` are passed to the job's Python entry point."""
     s = cfg.slurm
     directives = []
-    if s.gpus_per_node:
+    if s.job == "precompute" and not cfg.precompute.out:
+        raise ValueError("slurm.job=precompute needs precompute.out=<cache folder or URL>")
+    if s.gpus_per_node and s.job == "precompute":
+        directives.append("--gpus-per-task=1")
+    elif s.gpus_per_node:
         directives.append(f"--gpus-per-node={s.gpus_per_node}")
     for key in ("partition", "account", "qos", "mem"):
         if getattr(s, key):
             directives.append(f"--{key}={getattr(s, key)}")
     directives += list(s.extra_directives)
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith(SUBMIT_ONLY)]
+    if s.job == "precompute":  # the cache folder: absolute, whatever directory the array runs in
+        job_overrides = [o if not o.startswith("precompute.out=") or "://" in o
+                         else f"precompute.out={Path(o.split('=', 1)[1]).resolve()}" for o in job_overrides]
     run_dir = Path(cfg.run_dir).resolve()
     if not any(o.startswith("run_dir=") for o in job_overrides):
         job_overrides.append(f"run_dir={run_dir}")  # the same folder on every restart, wherever sbatch ran
     values = {
-        "job_name": s.job_name or cfg.experiment, "nodes": s.nodes, "ntasks_per_node": s.ntasks_per_node,
+        "job_name": s.job_name or (cfg.experiment if s.job == "train" else f"{cfg.experiment}-precompute"),
+        "last_task": s.array_tasks - 1, "nodes": s.nodes, "ntasks_per_node": s.ntasks_per_node,
         "cpus_per_task": s.cpus_per_task, "time": s.time, "signal": s.signal, "signal_seconds": s.signal_seconds,
         "log_dir": str(Path(s.log_dir).resolve() if s.log_dir else run_dir / "slurm"),
         "directives": "\n".join(f"#SBATCH {d}" for d in directives),
         "setup": "\n".join(s.setup), "python": shlex.quote(s.python or sys.executable),
         "overrides": " ".join(shlex.quote(o) for o in job_overrides),
     }
-    return string.Template(TEMPLATE.read_text()).substitute(values)
+    return string.Template(TEMPLATES[s.job].read_text()).substitute(values)
 
 
 def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
@@ -60,7 +68,7 @@ def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
     s = cfg.slurm
     log_dir = Path(s.log_dir).resolve() if s.log_dir else Path(cfg.run_dir).resolve() / "slurm"
     log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"train-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    path = log_dir / f"{s.job}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     atomic_write_bytes(path, script.encode())
     try:
         proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
@@ -70,13 +78,14 @@ def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch {path} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
-    return job_id, path, log_dir / f"{s.job_name or cfg.experiment}-{job_id}.out"
+    name = s.job_name or (cfg.experiment if s.job == "train" else f"{cfg.experiment}-precompute")
+    return job_id, path, log_dir / (f"{name}-{job_id}.out" if s.job == "train" else f"{name}-{job_id}_<task>.out")
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def main(dict_cfg: DictConfig) -> None:
     cfg: TrainConfig = OmegaConf.to_object(dict_cfg)  # validates every group before anything is queued
-    script = render_train_script(cfg, list(HydraConfig.get().overrides.task))
+    script = render_script(cfg, list(HydraConfig.get().overrides.task))
     if cfg.slurm.dry_run:
         print(script, end="")
         return
