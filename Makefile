@@ -25,10 +25,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on the embedded default: build the coloured-digits shards, train the tiny model with
-# DeepSpeed on the CPU, sample every digit, score the samples (W&B offline unless a key is set).
+# The main job on the embedded default: build the coloured-digits shards, cache them through the
+# model's first stage (data_pipeline.precompute; reruns reuse the cache), train the tiny model from
+# the cache with DeepSpeed on the CPU, sample every digit, score the samples (W&B offline unless a
+# key is set).
+DEMO_CACHE ?= $(CURDIR)/.cache/latents/demo
 run: install
-	$(PY) -m trainer.train experiment=demo $(ARGS)
+	$(PY) -m data_pipeline.precompute experiment=demo precompute.out=$(DEMO_CACHE) $(ARGS)
+	$(PY) -m trainer.train experiment=demo data.latent_cache=$(DEMO_CACHE) $(ARGS)
 
 plan: install
 	$(PY) -m trainer.plan $(ARGS)

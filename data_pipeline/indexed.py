@@ -26,10 +26,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Samples:
-    images: torch.Tensor  # (N, 3, S, S) uint8
+    images: torch.Tensor | None  # (N, 3, S, S) uint8; None for a latent cache
     captions: list[str]
     keys: list[str]
     skipped: Counter = field(default_factory=Counter)
+    latents: torch.Tensor | None = None  # (N, C, h, w) posterior means of a latent cache
+
+
+def load_latent_cache(urls: list[str], *, caption_key: str = "txt") -> Samples:
+    """Every sample of a latent cache's shards in memory, in shard order (a mean-only or
+    deterministic posterior: the mode is what in-memory training uses)."""
+    from data_pipeline.decode import caption_of, metadata_of
+    from data_pipeline.latents import decode_sample_parts
+
+    means, captions, keys = [], [], []
+    skipped: Counter = Counter()
+    for shard, url in enumerate(urls):
+        for item in read_shard(ShardTask(shard, url), {}, RetryPolicy(max_retries=2)):
+            if isinstance(item, ShardEnd):
+                if item.status != "ok":
+                    skipped[f"{item.status}_shard"] += 1
+                continue
+            try:
+                mean, logvar = decode_sample_parts(item.parts)
+                caption = caption_of(item.parts, caption_key, metadata_of(item.parts))
+            except BadSample as bad:
+                skipped[bad.reason] += 1
+                continue
+            if logvar is not None:
+                raise ValueError(f"{url} stores posterior variances: an in-memory run trains on means only; "
+                                 f"precompute with precompute.store=mean, or stream it with data.kind=webdataset")
+            means.append(mean)
+            captions.append(caption)
+            keys.append(item.key)
+    if not means:
+        raise ValueError(f"no usable samples in the latent cache {urls[:3]} (skipped: {dict(skipped)})")
+    return Samples(images=None, captions=captions, keys=keys, skipped=skipped, latents=torch.stack(means))
 
 
 def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str], caption_key: str,
@@ -111,9 +143,13 @@ class InMemoryBatches:
         for a in range(self.gradient_accumulation):
             first = start + a * self.micro_batch_size
             idx = self.order.indices(first, self.micro_batch_size)
-            images = self.samples.images[torch.from_numpy(idx)].float() / 127.5 - 1.0
-            out.append({"images": images, "captions": [self.samples.captions[i] for i in idx.tolist()],
-                        "positions": list(range(first, first + self.micro_batch_size))})
+            batch = {"captions": [self.samples.captions[i] for i in idx.tolist()],
+                     "positions": list(range(first, first + self.micro_batch_size))}
+            if self.samples.latents is not None:
+                batch["latent_mean"] = self.samples.latents[torch.from_numpy(idx)]
+            else:
+                batch["images"] = self.samples.images[torch.from_numpy(idx)].float() / 127.5 - 1.0
+            out.append(batch)
         return out
 
     def state_dict(self, samples_seen: int) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipeline.decode import BadSample, Transform, decode_sample
+from data_pipeline.decode import BadSample, Transform, decode_sample, metadata_of
 from data_pipeline.latents import FORMAT_VERSION, MANIFEST, CacheSpec, encode_sample_parts, module_checksum, read_json
 from data_pipeline.shards import ShardEnd, ShardTask, read_shard
 from data_pipeline.writer import ShardWriter
@@ -68,17 +68,11 @@ def cache_spec(cfg, first_stage: torch.nn.Module) -> CacheSpec:
 def source_urls(cfg) -> list[str]:
     """The raw shards of the experiment (the digits demo is built first when needed)."""
     if cfg.data.kind == "digits":
-        from data_pipeline.demo_digits import build_digits_shards, read_digits_manifest
-
-        root = Path(cfg.data.root)
-        try:
-            info = read_digits_manifest(root)
-        except (FileNotFoundError, ValueError):
-            build_digits_shards(root, image_size=cfg.data.image_size, seed=cfg.data.seed)
-            info = read_digits_manifest(root)
         from data_pipeline.sources import expand_urls
+        from trainer.distributed import detect_env
+        from trainer.train import ensure_digits
 
-        return expand_urls([info.train_url])
+        return expand_urls([ensure_digits(cfg, detect_env()).train_url])
     from data_pipeline.stream import spec_from_config
 
     spec = spec_from_config(cfg.data, 1)
@@ -119,8 +113,10 @@ def encode_shard(index: int, url: str, out_url: str, cfg, first_stage: torch.nn.
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue
-        meta = json.loads(item.parts["json"]) if "json" in item.parts else {}
-        meta = meta if isinstance(meta, dict) else {}
+        try:
+            meta = metadata_of(item.parts) or {}
+        except BadSample:  # unreadable metadata does not make the image unusable (as in training)
+            meta = {}
         meta.update(original_size=list(out.example.original_size), crop_top_left=list(out.example.crop_top_left))
         samples.append((item.key, meta, out.example.image, {"txt": out.caption.encode()}))
     # Encode in batches of one shape (buckets), then write in the shard's order.
@@ -212,13 +208,14 @@ def run_precompute(cfg) -> dict[str, Any] | None:
                               storage_options_for(urls[i], s3, dict(cfg.data.storage_options)))
         _write_json(fs, f"{root}/{names[i]}.json", record)  # the shard counts as done from here
         done_samples += record["samples"]
-        if index == 0:
+        if index == 0:  # progress: a live line on a terminal, a log line per shard otherwise
             rate = done_samples / max(time.time() - t0, 1e-9)
             eta = (time.time() - t0) / (n + 1) * (len(todo) - n - 1)
-            print(f"\r[precompute] {n + 1}/{len(todo)} shards, {done_samples} samples, {rate:.1f} samples/s, "
-                  f"ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
-    if index == 0 and todo:
-        print(file=sys.stderr)
+            line = f"{n + 1}/{len(todo)} shards, {done_samples} samples, {rate:.1f} samples/s, ETA {eta:.0f}s"
+            if sys.stderr.isatty():
+                print(f"\r[precompute] {line}", end="" if n + 1 < len(todo) else "\n", file=sys.stderr, flush=True)
+            else:
+                log.info("%s", line)
     records = [read_json(fs, f"{root}/{name}.json") for name in names]
     if any(r is None for r in records):
         log.info("worker %d/%d done; %d shards are still being encoded by other workers", index, count,

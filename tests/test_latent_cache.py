@@ -57,18 +57,17 @@ def test_training_from_the_cache_matches_encoding_on_the_fly(cache: Path, tmp_pa
     common = ["train.max_steps=4", "train.sample_posterior=false", "data.num_workers=1", "data.shuffle_buffer=64",
               "checkpoint.interval_steps=100"]
     run(tmp_path / "raw", [*BASE[1:], *common, "data.kind=webdataset", "data.urls=[" + ",".join(urls) + "]"])
-    run(tmp_path / "cached", [*BASE[1:], *common, f"data.latent_cache={cache}"])
+    run(tmp_path / "cached", [*BASE[1:], *common, "data.kind=webdataset", f"data.latent_cache={cache}"])
     raw, cached = losses(tmp_path / "raw"), losses(tmp_path / "cached")
     assert sorted(raw) == sorted(cached) == [1, 2, 3, 4]
     assert all(abs(raw[s] - cached[s]) <= 1e-5 * abs(raw[s]) for s in raw), (raw, cached)
 
 
 def test_a_cache_made_otherwise_is_refused(cache: Path, tmp_path: Path) -> None:
-    proc = run(tmp_path / "other", [*BASE[1:], "train.max_steps=1", "train.seed=1", f"data.latent_cache={cache}"],
-               expect=None)
+    stream = ["data.kind=webdataset", f"data.latent_cache={cache}"]
+    proc = run(tmp_path / "other", [*BASE[1:], "train.max_steps=1", "train.seed=1", *stream], expect=None)
     assert proc.returncode != 0 and "autoencoder_sha256: cache" in proc.stderr + proc.stdout
-    run(tmp_path / "forced", [*BASE[1:], "train.max_steps=1", "train.seed=1", f"data.latent_cache={cache}",
-                              "data.latent_cache_check=false"])
+    run(tmp_path / "forced", [*BASE[1:], "train.max_steps=1", "train.seed=1", *stream, "data.latent_cache_check=false"])
 
 
 def test_two_workers_write_the_same_cache_as_one(cache: Path, tmp_path: Path) -> None:
@@ -100,3 +99,18 @@ def test_killed_precompute_redoes_only_unfinished_shards(cache: Path, tmp_path: 
     assert f"worker 0/1: {7 - done} of its 7 shards to encode" in log
     assert _shard_bytes(out) == _shard_bytes(cache) and _sidecars(out) == _sidecars(cache)
     assert not list(out.glob("*.tmp-*"))
+
+
+def test_a_small_cache_is_held_in_memory_in_the_raw_order(cache: Path, tmp_path: Path) -> None:
+    """data.kind=digits + a cache of posterior means: the in-memory order of the raw digits, so the
+    losses match encoding the images at every step (the demo's path)."""
+    out = tmp_path / "means"
+    _precompute(out, "precompute.store=mean", "precompute.dtype=fp32")
+    common = ["train.max_steps=3", "train.sample_posterior=false", "checkpoint.interval_steps=100"]
+    run(tmp_path / "raw", [*BASE[1:], *common])
+    run(tmp_path / "cached", [*BASE[1:], *common, f"data.latent_cache={out}"])
+    raw, cached = losses(tmp_path / "raw"), losses(tmp_path / "cached")
+    assert all(abs(raw[s] - cached[s]) <= 1e-5 * abs(raw[s]) for s in raw) and len(raw) == 3
+    # A cache with variances cannot be trained in memory (means only there): said, not ignored.
+    proc = run(tmp_path / "variances", [*BASE[1:], "train.max_steps=1", f"data.latent_cache={cache}"], expect=None)
+    assert proc.returncode != 0 and "stores posterior variances" in proc.stderr + proc.stdout

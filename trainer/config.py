@@ -149,7 +149,7 @@ class DataConfig:
         if self.kind not in DATA_KINDS:
             raise _bad("data", "kind", self.kind, f"one of {DATA_KINDS}")
         _check_int("data", "image_size", self.image_size, 8)
-        if self.kind == "webdataset" and not (self.urls or self.sources):
+        if self.kind == "webdataset" and not (self.urls or self.sources or self.latent_cache):
             raise _bad("data", "urls", self.urls, "one or more shard URLs (brace patterns, globs, list files) "
                        "or data.sources when data.kind='webdataset'")
         if self.urls and self.sources:

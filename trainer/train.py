@@ -98,11 +98,9 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def load_training_data(cfg: TrainConfig, env: distributed.DistEnv):
-    """The in-memory digits demo data: built by rank 0 on first use (others wait), then read.
-    Returns (samples, digits_info)."""
+def ensure_digits(cfg: TrainConfig, env: distributed.DistEnv):
+    """The digits demo dataset, built by rank 0 on first use (the others wait); its manifest."""
     from data_pipeline.demo_digits import build_digits_shards, read_digits_manifest
-    from data_pipeline.indexed import load_shards
 
     root = Path(cfg.data.root)
     if env.rank == 0:
@@ -114,29 +112,36 @@ def load_training_data(cfg: TrainConfig, env: distributed.DistEnv):
             log.info("building the digits dataset in %s", root)
             build_digits_shards(root, image_size=cfg.data.image_size, seed=cfg.data.seed)
     distributed.barrier()
-    digits_info = read_digits_manifest(root)
-    samples = load_shards([digits_info.train_url], image_size=cfg.data.image_size,
-                          image_keys=list(cfg.data.image_keys), caption_key=cfg.data.caption_key)
-    log.info("training data: %d samples from %s", len(samples.captions), digits_info.train_url)
-    return samples, digits_info
+    return read_digits_manifest(root)
 
 
 def build_batches(cfg: TrainConfig, env: distributed.DistEnv, accum: int, device: torch.device):
-    """The trainer's batch source: the in-memory digits, or streamed webdataset shards.
-    Returns (batches, digits_info or None)."""
-    if cfg.data.kind == "digits" and not cfg.data.latent_cache:
-        from data_pipeline.indexed import InMemoryBatches
+    """The trainer's batch source: the in-memory digits (or their latent cache, also held in memory,
+    in the same order), or streamed webdataset shards / latent caches. Returns (batches, digits_info)."""
+    if cfg.data.kind == "digits":
+        from data_pipeline.indexed import InMemoryBatches, load_latent_cache, load_shards
 
-        samples, digits_info = load_training_data(cfg, env)
+        digits_info = ensure_digits(cfg, env)
+        if cfg.data.latent_cache:
+            from data_pipeline.latents import cache_shard_urls
+
+            samples = load_latent_cache(cache_shard_urls(cfg.data.latent_cache, {})[1], caption_key=cfg.data.caption_key)
+            log.info("training data: %d cached latents %s from %s", len(samples.captions),
+                     tuple(samples.latents.shape[1:]), cfg.data.latent_cache)
+        else:
+            samples = load_shards([digits_info.train_url], image_size=cfg.data.image_size,
+                                  image_keys=list(cfg.data.image_keys), caption_key=cfg.data.caption_key)
+            log.info("training data: %d samples from %s", len(samples.captions), digits_info.train_url)
         return InMemoryBatches(samples, cfg.data.seed, rank=env.rank, world_size=env.world_size,
                                micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation=accum), digits_info
     from data_pipeline.stream import StreamingBatches, spec_from_config
 
+    digits_info = None
     spec = spec_from_config(cfg.data, cfg.train.micro_batch_size)
     log.info("streaming %s", ", ".join(f"{s.name}: {s.num_shards} shards" for s in spec.sources))
     return StreamingBatches(spec, rank=env.rank, world_size=env.world_size, gradient_accumulation=accum,
                             num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
-                            pin_memory=device.type == "cuda"), None
+                            pin_memory=device.type == "cuda"), digits_info
 
 
 class Trainer:
@@ -158,6 +163,7 @@ class Trainer:
         from trainer.diffusion import build_diffusion
         from trainer.ema import EMA
         from trainer.inference import build_model
+
         cfg, env = self.cfg, self.env
         self.store = ckpt.CheckpointStore(self.paths.checkpoint_dir, self.paths.work_dir, rank=env.rank,
                                           local_rank=env.local_rank)
