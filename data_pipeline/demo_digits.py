@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_pipeline.writer import ShardWriter
 from trainer.images import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,6 @@ CLASSIFIER_NAME = "digit_classifier.json"
 MANIFEST_VERSION = 1
 CLASSIFIER_FORMAT = "ldm-platform/digit-classifier"
 CLASSIFIER_VERSION = 1
-# Fixed tar member metadata so two builds are byte-identical.
-_TAR_MTIME = 0
 _SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
 
 
@@ -290,25 +288,6 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _sample_members(key: str, rgb: np.ndarray, meta: dict) -> list[tuple[str, bytes]]:
-    # webdataset groups consecutive members by the name before the first dot: the key.
-    return [(f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
-            (f"{key}.png", _png_bytes(rgb)),
-            (f"{key}.txt", meta["caption"].encode())]
-
-
 def _split_indices(labels: np.ndarray, val_fraction: float, rng: np.random.Generator):
     """Stratified split: the same share of every digit goes to validation."""
     val = []
@@ -366,11 +345,14 @@ def build_digits_shards(out_dir: str | os.PathLike, *, image_size: int = 32,
                         "original_height": DIGITS_SIZE, "digit": digit, "color": color,
                         "color_rgb": list(PALETTE[color]), "background": BACKGROUND_NAME,
                         "source": SOURCE, "source_index": source_index, "split": split}
-                members.extend(_sample_members(key, rgb, meta))
+                members.append((key, {"json": json.dumps(meta, sort_keys=True).encode(), "png": _png_bytes(rgb),
+                                      "txt": meta["caption"].encode()}))
             name = f"{split}-{shard_id:06d}.tar"
-            atomic_write_bytes(out / name, _tar_bytes(members))
+            with ShardWriter(out / name) as writer:  # deterministic headers, committed atomically
+                for key, parts in members:
+                    writer.write(key, parts)
             names.append(name)
-            sizes.append(len(members) // 3)
+            sizes.append(len(members))
         written[split], counts[split] = names, sizes
 
     for stale in sorted(out.iterdir()):

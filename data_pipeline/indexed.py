@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data_pipeline.decode import BadSample, Transform, decode_sample
-from data_pipeline.shards import ShardEnd, ShardTask, read_shard
+from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import RetryPolicy, expand_urls
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Samples:
     latents: torch.Tensor | None = None  # (N, C, h, w) posterior means of a latent cache
 
 
-def load_latent_cache(urls: list[str], *, caption_key: str = "txt") -> Samples:
+def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_options: dict | None = None) -> Samples:
     """Every sample of a latent cache's shards in memory, in shard order (a mean-only or
     deterministic posterior: the mode is what in-memory training uses)."""
     from data_pipeline.decode import caption_of, metadata_of
@@ -41,24 +41,20 @@ def load_latent_cache(urls: list[str], *, caption_key: str = "txt") -> Samples:
 
     means, captions, keys = [], [], []
     skipped: Counter = Counter()
-    for shard, url in enumerate(urls):
-        for item in read_shard(ShardTask(shard, url), {}, RetryPolicy(max_retries=2)):
-            if isinstance(item, ShardEnd):
-                if item.status != "ok":
-                    skipped[f"{item.status}_shard"] += 1
-                continue
-            try:
-                mean, logvar = decode_sample_parts(item.parts)
-                caption = caption_of(item.parts, caption_key, metadata_of(item.parts))
-            except BadSample as bad:
-                skipped[bad.reason] += 1
-                continue
-            if logvar is not None:
-                raise ValueError(f"{url} stores posterior variances: an in-memory run trains on means only; "
-                                 f"precompute with precompute.store=mean, or stream it with data.kind=webdataset")
-            means.append(mean)
-            captions.append(caption)
-            keys.append(item.key)
+    tasks = [ShardTask(shard, url) for shard, url in enumerate(urls)]
+    for task, item in read_samples(tasks, storage_options or {}, RetryPolicy(max_retries=2), skipped):
+        try:
+            mean, logvar = decode_sample_parts(item.parts)
+            caption = caption_of(item.parts, caption_key, metadata_of(item.parts))
+        except BadSample as bad:
+            skipped[bad.reason] += 1
+            continue
+        if logvar is not None:
+            raise ValueError(f"{task.url} stores posterior variances: an in-memory run trains on means only; "
+                             f"precompute with precompute.store=mean, or stream it with data.kind=webdataset")
+        means.append(mean)
+        captions.append(caption)
+        keys.append(item.key)
     if not means:
         raise ValueError(f"no usable samples in the latent cache {urls[:3]} (skipped: {dict(skipped)})")
     return Samples(images=None, captions=captions, keys=keys, skipped=skipped, latents=torch.stack(means))
@@ -72,23 +68,17 @@ def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str]
     skipped: Counter = Counter()
     transform = Transform(crop="center")
     rng = np.random.default_rng(0)  # unused by center crops without flips
-    for shard, url in enumerate(expand_urls(urls, storage_options=storage_options)):
-        for item in read_shard(ShardTask(shard, url), storage_options or {}, RetryPolicy(max_retries=2)):
-            if isinstance(item, ShardEnd):
-                if item.status != "ok":
-                    skipped[f"{item.status}_shard"] += 1
-                    log.warning("shard %s is %s (%s); using the %d samples read before the damage",
-                                url, item.status, item.error, item.count)
-                continue
-            try:
-                out = decode_sample(item.parts, image_keys=image_keys, caption_key=caption_key,
-                                    image_size=image_size, transform=transform, rng=rng)
-            except BadSample as bad:
-                skipped[bad.reason] += 1
-                continue
-            images.append(torch.from_numpy(out.example.image).permute(2, 0, 1))  # (3, S, S)
-            captions.append(out.caption)
-            keys.append(item.key)
+    tasks = [ShardTask(shard, url) for shard, url in enumerate(expand_urls(urls, storage_options=storage_options))]
+    for _, item in read_samples(tasks, storage_options or {}, RetryPolicy(max_retries=2), skipped):
+        try:
+            out = decode_sample(item.parts, image_keys=image_keys, caption_key=caption_key,
+                                image_size=image_size, transform=transform, rng=rng)
+        except BadSample as bad:
+            skipped[bad.reason] += 1
+            continue
+        images.append(torch.from_numpy(out.example.image).permute(2, 0, 1))  # (3, S, S)
+        captions.append(out.caption)
+        keys.append(item.key)
     if not images:
         raise ValueError(f"no usable samples in {urls!r} (skipped: {dict(skipped)})")
     if skipped:

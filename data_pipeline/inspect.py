@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -316,17 +314,9 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: str, report: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".inspect-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from trainer.images import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------- command line

@@ -71,7 +71,7 @@ def check_manifest(manifest: dict[str, Any], expected: CacheSpec, where: str) ->
         raise ValueError(f"{where}: cache format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}")
     theirs = manifest.get("spec", {})
     diffs = [f"{k}: cache {theirs.get(k)!r}, this job {v!r}" for k, v in expected.as_dict().items()
-             if k != "store" and k != "dtype" and theirs.get(k) != v]
+             if k not in ("store", "dtype") and theirs.get(k) != v]
     if diffs:
         raise ValueError(f"{where} was made with other settings than this job's:\n  " + "\n  ".join(diffs)
                          + "\nre-run the precompute for this config, or set data.latent_cache_check=false to use it anyway")
@@ -95,16 +95,14 @@ def encode_sample_parts(mean: torch.Tensor, logvar: Optional[torch.Tensor], *, d
 
 def decode_sample_parts(parts: dict[str, bytes]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(mean, logvar or None) as float32 from a cached sample's members; ``BadSample`` if damaged."""
+    if "latent.safetensors" not in parts and "mean.npy" not in parts:
+        raise BadSample("missing_latent", f"parts {sorted(parts)}")
     try:
         if "latent.safetensors" in parts:
             tensors = load_safetensors(parts["latent.safetensors"])
-        elif "mean.npy" in parts:
+        else:
             tensors = {name: torch.from_numpy(np.load(io.BytesIO(parts[f"{name}.npy"]), allow_pickle=False))
                        for name in ("mean", "logvar") if f"{name}.npy" in parts}
-        else:
-            raise BadSample("missing_latent", f"parts {sorted(parts)}")
-    except BadSample:
-        raise
     except Exception as e:  # noqa: BLE001 - a damaged member raises several types
         raise BadSample("undecodable_latent", f"{type(e).__name__}: {e}") from None
     if "mean" not in tensors:

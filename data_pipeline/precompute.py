@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
+from dataclasses import asdict
 import os
 import sys
 import time
@@ -27,11 +29,12 @@ import fsspec
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from data_pipeline.decode import BadSample, Transform, decode_sample, metadata_of
 from data_pipeline.latents import FORMAT_VERSION, MANIFEST, CacheSpec, encode_sample_parts, module_checksum, read_json
-from data_pipeline.shards import ShardEnd, ShardTask, read_shard
+from data_pipeline.shards import ShardTask, read_samples
+from data_pipeline.stream import buckets_of, options_of
 from data_pipeline.writer import ShardWriter
 from trainer import config as _train_config  # noqa: F401 - registers the train_schema of conf/train.yaml
 
@@ -51,13 +54,9 @@ def worker_slot(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
 
 
 def cache_spec(cfg, first_stage: torch.nn.Module) -> CacheSpec:
+    """What this job's cache is made with (the manifest's ``spec``; training compares it)."""
     ae = cfg.model.autoencoder
-    from dataclasses import asdict
-
-    from data_pipeline.decode import aspect_buckets
-
-    buckets = aspect_buckets(cfg.data.image_size, step=cfg.data.buckets.step, max_ratio=cfg.data.buckets.max_ratio) \
-        if cfg.data.buckets.enabled else []
+    buckets = buckets_of(cfg.data)
     return CacheSpec(autoencoder_sha256=module_checksum(first_stage), autoencoder={k: v for k, v in asdict(ae).items()
                                                                                      if k != "checkpoint_path"},
                      scale_factor=ae.scale_factor, shift_factor=ae.shift_factor, image_size=cfg.data.image_size,
@@ -94,18 +93,10 @@ def encode_shard(index: int, url: str, out_url: str, cfg, first_stage: torch.nn.
     """Encode one source shard into ``out_url``; returns its sidecar record."""
     data, pre = cfg.data, cfg.precompute
     transform = Transform(crop=data.crop, flip_prob=0.0, max_pixels=data.max_pixels, draft=data.draft)
-    from data_pipeline.decode import aspect_buckets
-
-    buckets = aspect_buckets(data.image_size, step=data.buckets.step, max_ratio=data.buckets.max_ratio) \
-        if data.buckets.enabled else ()
+    buckets = buckets_of(data)
     skipped: Counter = Counter()
     samples: list[tuple[str, dict[str, Any], np.ndarray, dict[str, bytes]]] = []
-    for item in read_shard(ShardTask(index, url), storage_options, _retry(cfg)):
-        if isinstance(item, ShardEnd):
-            if item.status != "ok":
-                skipped[f"{item.status}_shard"] += 1
-                log.warning("shard %s is %s (%s); %d samples read", url, item.status, item.error, item.count)
-            continue
+    for _, item in read_samples([ShardTask(index, url)], storage_options, data.retry, skipped):
         rng = np.random.default_rng([data.seed, index, item.index])
         try:
             out = decode_sample(item.parts, image_keys=data.image_keys, caption_key=data.caption_key,
@@ -130,7 +121,7 @@ def encode_shard(index: int, url: str, out_url: str, cfg, first_stage: torch.nn.
                 chunk = idx[start:start + pre.batch_size]
                 x = torch.from_numpy(np.stack([samples[i][2] for i in chunk])).permute(0, 3, 1, 2).float()
                 x = (x / 127.5 - 1.0).to(device)
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
                 with autocast:
                     posterior = first_stage.encode(x)
                 mean = posterior.mean.float().cpu()
@@ -145,21 +136,6 @@ def encode_shard(index: int, url: str, out_url: str, cfg, first_stage: torch.nn.
             writer.write(key, {**parts, "json": json.dumps(meta, sort_keys=True).encode(),
                                **encode_sample_parts(mean, logvar, dtype=pre.dtype, fmt=pre.format)})
     return {"source": url, "samples": len(samples), "skipped": dict(sorted(skipped.items()))}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _retry(cfg):
-    from data_pipeline.sources import RetryPolicy
-
-    r = cfg.data.retry
-    return RetryPolicy(max_retries=r.max_retries, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s)
 
 
 def _write_json(fs, path: str, obj: dict[str, Any]) -> None:
@@ -184,13 +160,7 @@ def run_precompute(cfg) -> dict[str, Any] | None:
     index, count = worker_slot()
     urls = source_urls(cfg)
     names = _names(urls)
-    from data_pipeline.sources import S3Options, storage_options_for
-
-    s = cfg.data.s3
-    s3 = S3Options(endpoint_url=s.endpoint_url, profile=s.profile, anon=s.anon, region=s.region,
-                   connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s, max_attempts=s.max_attempts)
-    out_opts = storage_options_for(pre.out, s3, dict(cfg.data.storage_options))
-    fs, root = fsspec.core.url_to_fs(pre.out, **out_opts)
+    fs, root = fsspec.core.url_to_fs(pre.out, **options_of(cfg.data, pre.out))
     fs.makedirs(root, exist_ok=True)
     use_cuda = pre.device == "cuda" or (pre.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
@@ -205,7 +175,7 @@ def run_precompute(cfg) -> dict[str, Any] | None:
         for stale in fs.glob(f"{root}/{names[i]}.tmp-*"):  # a killed run's partial output
             fs.rm_file(stale)
         record = encode_shard(i, urls[i], f"{pre.out.rstrip('/')}/{names[i]}", cfg, first_stage, device,
-                              storage_options_for(urls[i], s3, dict(cfg.data.storage_options)))
+                              options_of(cfg.data, urls[i]))
         _write_json(fs, f"{root}/{names[i]}.json", record)  # the shard counts as done from here
         done_samples += record["samples"]
         if index == 0:  # progress: a live line on a terminal, a log line per shard otherwise
@@ -240,13 +210,9 @@ def run_precompute(cfg) -> dict[str, Any] | None:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def main(dict_cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    cfg = OmegaConf.to_object(dict_cfg)
-    try:
-        run_precompute(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from trainer.inference import run_cli
+
+    run_cli(run_precompute, dict_cfg)
 
 
 if __name__ == "__main__":

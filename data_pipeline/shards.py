@@ -15,7 +15,8 @@ import tarfile
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from collections import Counter
+from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
 
@@ -132,3 +133,18 @@ def read_shard(task: ShardTask, storage_options: dict[str, Any], policy: RetryPo
         log.warning("reading shard %s failed after %d samples (%s: %s); retrying in %.1fs",
                     task.url, done_upto, type(error).__name__, error, delay)
         sleep(delay)
+
+
+def read_samples(tasks: Iterable[ShardTask], storage_options: dict[str, Any], policy: RetryPolicy,
+                 skipped: Counter) -> Iterator[tuple[ShardTask, RawSample]]:
+    """Every readable sample of ``tasks``, in order, for one-pass readers (in-memory loading, the
+    latent precompute). A damaged or unreadable shard is counted once in ``skipped``
+    (``truncated_shard`` / ``unreadable_shard``) and logged with its URL."""
+    for task in tasks:
+        for item in read_shard(task, storage_options, policy):
+            if isinstance(item, RawSample):
+                yield task, item
+            elif item.status != "ok":
+                skipped[f"{item.status}_shard"] += 1
+                log.warning("shard %s is %s (%s); the %d samples before the damage are used",
+                            task.url, item.status, item.error, item.count)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import braceexpand
 import fsspec
@@ -22,18 +22,26 @@ LIST_SUFFIXES = (".txt", ".list", ".lst")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass
 class S3Options:
-    """What s3fs needs beyond the AWS environment. ``endpoint_url`` for S3-compatible stores."""
+    """What s3fs needs beyond the AWS environment (also the ``data.s3`` config group). Credentials
+    come from the AWS environment / profiles only; ``endpoint_url`` is for S3-compatible stores."""
 
-    endpoint_url: str | None = None
-    profile: str | None = None
+    endpoint_url: Optional[str] = None
+    profile: Optional[str] = None
     anon: bool = False
-    region: str | None = None
+    region: Optional[str] = None
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     # botocore's own retries per request; the pipeline retries whole shard reads on top of these.
     max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        for key in ("connect_timeout_s", "read_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"data.s3.{key}={getattr(self, key)!r} is invalid; allowed: a float > 0")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"data.s3.max_attempts={self.max_attempts!r} is invalid; allowed: an int >= 1")
 
     def storage_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"anon": self.anon}
@@ -143,13 +151,21 @@ def _read_list_file(url: str, s3: S3Options | None, storage_options: dict[str, A
     return urls
 
 
-@dataclass(frozen=True)
+@dataclass
 class RetryPolicy:
-    """Exponential backoff for transient storage errors (S3 resets, timeouts, refused connections)."""
+    """Exponential backoff for transient storage errors (S3 resets, timeouts, refused connections);
+    after ``max_retries`` the shard is skipped (also the ``data.retry`` config group)."""
 
     max_retries: int = 5
     backoff_s: float = 1.0
     max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"data.retry.max_retries={self.max_retries!r} is invalid; allowed: an int >= 0")
+        if not 0 <= self.backoff_s <= self.max_backoff_s:
+            raise ValueError(f"data.retry.backoff_s={self.backoff_s!r} is invalid; allowed: a float in "
+                             f"[0, max_backoff_s={self.max_backoff_s}]")
 
     def delays(self) -> Iterable[float]:
         for attempt in range(self.max_retries):

@@ -27,7 +27,7 @@ import torch
 from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
 from data_pipeline.latents import decode_sample_parts
 from data_pipeline.position import Progress, SourceInfo, SKIP_REASONS
-from data_pipeline.shards import RawSample, ShardEnd, ShardTask, read_shard
+from data_pipeline.shards import ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
 
 log = logging.getLogger(__name__)
@@ -283,18 +283,28 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def buckets_of(data: Any) -> tuple[tuple[int, int], ...]:
+    """The aspect-ratio buckets of ``data.buckets`` (empty when bucketing is off)."""
+    if not data.buckets.enabled:
+        return ()
+    return tuple(aspect_buckets(data.image_size, step=data.buckets.step, max_ratio=data.buckets.max_ratio))
+
+
+def options_of(data: Any, url: str) -> dict[str, Any]:
+    """fsspec options of ``data.*`` (``data.s3``, ``data.storage_options``) for ``url``."""
+    return storage_options_for(url, data.s3, dict(data.storage_options or {}))
+
+
 def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
     """``StreamSpec`` from the trainer's ``DataConfig`` (``data.*``): URL patterns are expanded here."""
-    s3 = S3Options(endpoint_url=data.s3.endpoint_url, profile=data.s3.profile, anon=data.s3.anon,
-                   region=data.s3.region, connect_timeout_s=data.s3.connect_timeout_s,
-                   read_timeout_s=data.s3.read_timeout_s, max_attempts=data.s3.max_attempts)
+    s3 = data.s3
     extra = dict(data.storage_options or {})
     raw_sources = list(data.sources) or [{"name": "default", "urls": list(data.urls), "weight": 1.0}]
     if data.latent_cache:
         from data_pipeline.latents import cache_shard_urls
 
-        raw_sources = [{"name": "latents", "urls": cache_shard_urls(data.latent_cache, storage_options_for(
-            data.latent_cache, s3, extra))[1], "weight": 1.0}]
+        raw_sources = [{"name": "latents", "urls": cache_shard_urls(data.latent_cache,
+                                                                     options_of(data, data.latent_cache))[1], "weight": 1.0}]
     sources, weights = [], []
     for i, src in enumerate(raw_sources):
         name = src.get("name") or f"source{i}"
@@ -304,7 +314,7 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
         sources.append(SourceInfo(name, tuple(expand_urls(urls, s3=s3, storage_options=extra))))
         weights.append(float(src.get("weight", 1.0)))
     for i, info in enumerate(sources):
-        check_readable(info.urls[0], storage_options_for(info.urls[0], s3, extra),
+        check_readable(info.urls[0], options_of(data, info.urls[0]),
                        RetryPolicy(max_retries=2), f"data source {info.name!r} (data.{'sources' if data.sources else 'urls'})")
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
@@ -314,16 +324,13 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
                       min_caption_length=f.min_caption_length, max_caption_length=f.max_caption_length,
                       min_scores=tuple(sorted(dict(f.min_scores).items())),
                       max_scores=tuple(sorted(dict(f.max_scores).items())))
-    buckets = tuple(aspect_buckets(data.image_size, step=data.buckets.step, max_ratio=data.buckets.max_ratio)) \
-        if data.buckets.enabled else ()
     return StreamSpec(
         sources=tuple(sources), weights=tuple(weights), image_size=data.image_size, batch_size=batch_size,
         image_keys=tuple(data.image_keys), caption_key=data.caption_key, seed=data.seed, mode=data.mode,
         shuffle_shards=data.shuffle_shards, shuffle_buffer=data.shuffle_buffer,
         transform=Transform(crop=data.crop, flip_prob=data.flip_prob, max_pixels=data.max_pixels, draft=data.draft),
-        filters=filters, buckets=buckets, s3=s3, storage_options=tuple(sorted(extra.items())),
-        retry=RetryPolicy(max_retries=data.retry.max_retries, backoff_s=data.retry.backoff_s,
-                          max_backoff_s=data.retry.max_backoff_s), latents=bool(data.latent_cache))
+        filters=filters, buckets=buckets_of(data), s3=s3, storage_options=tuple(sorted(extra.items())),
+        retry=data.retry, latents=bool(data.latent_cache))
 
 
 class StreamingBatches:

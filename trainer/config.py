@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from data_pipeline.sources import RetryPolicy, S3Options
 from trainer.diffusion.config import DiffusionConfig
 from trainer.models.config import ModelConfig
 from trainer.sampling.samplers import SAMPLERS
@@ -37,39 +38,6 @@ def _bad(group: str, key: str, value: Any, allowed: str) -> ValueError:
 def _check_int(group: str, key: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _bad(group, key, value, f"an int >= {minimum}")
-
-
-@dataclass
-class S3Config:
-    """s3fs settings for ``s3://`` shard URLs; credentials come from the AWS environment/profiles."""
-
-    endpoint_url: Optional[str] = None  # S3-compatible stores (Ceph, R2, a local test server)
-    profile: Optional[str] = None
-    anon: bool = False
-    region: Optional[str] = None
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    max_attempts: int = 3  # botocore's retries per request; data.retry retries whole shard reads
-
-    def __post_init__(self) -> None:
-        for key in ("connect_timeout_s", "read_timeout_s"):
-            if not getattr(self, key) > 0:
-                raise _bad("data.s3", key, getattr(self, key), "a float > 0")
-        _check_int("data.s3", "max_attempts", self.max_attempts, 1)
-
-
-@dataclass
-class RetryConfig:
-    """Backoff for shards that fail to open or read (S3 errors, timeouts); then the shard is skipped."""
-
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        _check_int("data.retry", "max_retries", self.max_retries, 0)
-        if not 0 <= self.backoff_s <= self.max_backoff_s:
-            raise _bad("data.retry", "backoff_s", self.backoff_s, f"a float in [0, max_backoff_s={self.max_backoff_s}]")
 
 
 @dataclass
@@ -120,7 +88,7 @@ class DataConfig:
     urls: list[str] = field(default_factory=list)
     sources: list[dict[str, Any]] = field(default_factory=list)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for non-local URLs
-    s3: S3Config = field(default_factory=S3Config)
+    s3: S3Options = field(default_factory=S3Options)
     image_size: int = 32
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "png", "webp"])
     caption_key: str = "txt"  # or json:<field>
@@ -136,7 +104,7 @@ class DataConfig:
     draft: bool = True  # JPEG reduced-scale decoding
     buckets: BucketConfig = field(default_factory=BucketConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
-    retry: RetryConfig = field(default_factory=RetryConfig)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     # Start the data afresh on resume instead of refusing a position saved for other data.
     reset_position: bool = False
     # Train from a latent cache made by `python -m data_pipeline.precompute` (its folder or URL)

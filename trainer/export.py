@@ -9,13 +9,11 @@ temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import logging
-import sys
 from dataclasses import dataclass
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 FORMATS = ("diffusers", "safetensors")
 
@@ -47,13 +45,9 @@ def export(cfg: ExportConfig):
 
 @hydra.main(version_base=None, config_path="../conf/cli", config_name="export")
 def main(dict_cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        out = export(OmegaConf.to_object(dict_cfg))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {out}")
+    from trainer.inference import run_cli
+
+    print(f"wrote {run_cli(export, dict_cfg)}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ stage. No process group, no GPU needed.
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,19 @@ class LoadedModel:
             return self.text_encoder(self.tokenizer(prompts).to(device))
 
         return encode
+
+
+def run_cli(fn: Callable[[Any], Any], dict_cfg) -> Any:
+    """Entry point of the one-machine tools (sample, export, precompute): logs to stderr, validates
+    the config, and turns a user's mistake (bad value, missing file, existing output) into exit code 2
+    with its message instead of a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return fn(OmegaConf.to_object(dict_cfg))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def resolve_checkpoint(checkpoint: str, work_dir: str | Path | None = None,
@@ -88,9 +102,9 @@ def train_config_of(state: dict[str, Any]):
             from None
 
 
-def build_model(cfg) -> "ModelComponents":  # noqa: F821 - trainer.models.config
-    """The networks of ``cfg.model`` as the trainer builds them: seeded random init, pretrained
-    files, then ``model.init_from`` (weights of published models, through the converters)."""
+def build_model(cfg):
+    """The networks of ``cfg.model`` (a ``ModelComponents``) as the trainer builds them: seeded random
+    init, pretrained files, then ``model.init_from`` (weights of published models, through the converters)."""
     from trainer.interchange import load_pretrained
     from trainer.models.config import build_components
 

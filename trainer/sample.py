@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from trainer.sampling.samplers import SAMPLERS
 
@@ -116,14 +115,9 @@ def sample(cfg: SampleConfig) -> Path:
 
 @hydra.main(version_base=None, config_path="../conf/cli", config_name="sample")
 def main(dict_cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        cfg: SampleConfig = OmegaConf.to_object(dict_cfg)
-        out = sample(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {out}/ (images, grid.png, samples.json)")
+    from trainer.inference import run_cli
+
+    print(f"wrote {run_cli(sample, dict_cfg)}/ (images, grid.png, samples.json)")
 
 
 if __name__ == "__main__":

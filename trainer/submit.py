@@ -28,6 +28,16 @@ CONF_DIR = str(ROOT / "conf")
 SUBMIT_ONLY = ("slurm.dry_run",)  # overrides that concern submission, not the job
 
 
+def job_name(cfg: TrainConfig) -> str:
+    s = cfg.slurm
+    return s.job_name or (cfg.experiment if s.job == "train" else f"{cfg.experiment}-precompute")
+
+
+def log_dir(cfg: TrainConfig) -> Path:
+    """Where the sbatch script and the job's output go (absolute: the job may start elsewhere)."""
+    return Path(cfg.slurm.log_dir).resolve() if cfg.slurm.log_dir else Path(cfg.run_dir).resolve() / "slurm"
+
+
 def render_script(cfg: TrainConfig, overrides: list[str]) -> str:
     """The sbatch script of ``cfg.slurm.job``; ``overrides`` are passed to the job's Python entry point."""
     s = cfg.slurm
@@ -50,10 +60,10 @@ def render_script(cfg: TrainConfig, overrides: list[str]) -> str:
     if not any(o.startswith("run_dir=") for o in job_overrides):
         job_overrides.append(f"run_dir={run_dir}")  # the same folder on every restart, wherever sbatch ran
     values = {
-        "job_name": s.job_name or (cfg.experiment if s.job == "train" else f"{cfg.experiment}-precompute"),
+        "job_name": job_name(cfg),
         "last_task": s.array_tasks - 1, "nodes": s.nodes, "ntasks_per_node": s.ntasks_per_node,
         "cpus_per_task": s.cpus_per_task, "time": s.time, "signal": s.signal, "signal_seconds": s.signal_seconds,
-        "log_dir": str(Path(s.log_dir).resolve() if s.log_dir else run_dir / "slurm"),
+        "log_dir": str(log_dir(cfg)),
         "directives": "\n".join(f"#SBATCH {d}" for d in directives),
         "setup": "\n".join(s.setup), "python": shlex.quote(s.python or sys.executable),
         "overrides": " ".join(shlex.quote(o) for o in job_overrides),
@@ -66,10 +76,8 @@ def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
     from trainer.images import atomic_write_bytes
 
     s = cfg.slurm
-    log_dir = Path(s.log_dir).resolve() if s.log_dir else Path(cfg.run_dir).resolve() / "slurm"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"{s.job}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
-    atomic_write_bytes(path, script.encode())
+    path = log_dir(cfg) / f"{s.job}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    atomic_write_bytes(path, script.encode())  # (creates the log folder the job writes to)
     try:
         proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     except FileNotFoundError:
@@ -78,8 +86,8 @@ def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch {path} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
-    name = s.job_name or (cfg.experiment if s.job == "train" else f"{cfg.experiment}-precompute")
-    return job_id, path, log_dir / (f"{name}-{job_id}.out" if s.job == "train" else f"{name}-{job_id}_<task>.out")
+    name = job_name(cfg)
+    return job_id, path, log_dir(cfg) / (f"{name}-{job_id}.out" if s.job == "train" else f"{name}-{job_id}_<task>.out")
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")

@@ -8,12 +8,11 @@ a checkpoint is continued (same step, data position, RNG states, EMA and W&B run
 from __future__ import annotations
 
 import logging
-import math
 import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -124,8 +123,11 @@ def build_batches(cfg: TrainConfig, env: distributed.DistEnv, accum: int, device
         digits_info = ensure_digits(cfg, env)
         if cfg.data.latent_cache:
             from data_pipeline.latents import cache_shard_urls
+            from data_pipeline.stream import options_of
 
-            samples = load_latent_cache(cache_shard_urls(cfg.data.latent_cache, {})[1], caption_key=cfg.data.caption_key)
+            urls = cache_shard_urls(cfg.data.latent_cache, options_of(cfg.data, cfg.data.latent_cache))[1]
+            samples = load_latent_cache(urls, caption_key=cfg.data.caption_key,
+                                        storage_options=options_of(cfg.data, urls[0]))
             log.info("training data: %d cached latents %s from %s", len(samples.captions),
                      tuple(samples.latents.shape[1:]), cfg.data.latent_cache)
         else:
@@ -217,10 +219,10 @@ class Trainer:
     def _check_latent_cache(self) -> None:
         from data_pipeline.latents import cache_shard_urls, check_manifest
         from data_pipeline.precompute import cache_spec
-        from data_pipeline.stream import spec_from_config
+        from data_pipeline.stream import options_of
 
         cfg = self.cfg
-        manifest, _ = cache_shard_urls(cfg.data.latent_cache, spec_from_config(cfg.data, 1).options_for(cfg.data.latent_cache))
+        manifest, _ = cache_shard_urls(cfg.data.latent_cache, options_of(cfg.data, cfg.data.latent_cache))
         check_manifest(manifest, cache_spec(cfg, self.first_stage), f"data.latent_cache={cfg.data.latent_cache!r}")
         log.info("training from the latent cache %s (%d samples; autoencoder %s...)", cfg.data.latent_cache,
                  manifest["samples"], manifest["spec"]["autoencoder_sha256"][:12])
