@@ -240,11 +240,19 @@ class DigitClassifier:
         return cls(hidden_weight=mlp.coefs_[0] / DIGITS_MAX_VALUE, hidden_bias=mlp.intercepts_[0],
                    output_weight=mlp.coefs_[1], output_bias=mlp.intercepts_[1])
 
+    def _hidden(self, digits: np.ndarray) -> np.ndarray:
+        """(B, 8, 8) in 0..16 -> (B, hidden) ReLU activations."""
+        x = np.asarray(digits, dtype=np.float64).reshape(len(digits), -1)  # (B, 64)
+        return np.maximum(x @ self.hidden_weight + self.hidden_bias, 0.0)  # (B, hidden)
+
     def logits(self, digits: np.ndarray) -> np.ndarray:
         """(B, 8, 8) in 0..16 -> (B, 10) logits."""
-        x = np.asarray(digits, dtype=np.float64).reshape(len(digits), -1)  # (B, 64)
-        hidden = np.maximum(x @ self.hidden_weight + self.hidden_bias, 0.0)  # (B, hidden)
-        return hidden @ self.output_weight + self.output_bias  # (B, 10)
+        return self._hidden(digits) @ self.output_weight + self.output_bias  # (B, 10)
+
+    def features(self, images: Any, value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """RGB images (see ``to_classifier_input``) -> (B, hidden) float64 penultimate-layer (ReLU)
+        activations: the demo's cheap stand-in for Inception features in FID."""
+        return self._hidden(to_classifier_input(images, value_range))
 
     def predict_digits(self, digits: np.ndarray) -> np.ndarray:
         """(B, 8, 8) sklearn-style digits (0..16) -> (B,) digit ids; stretched like images are."""

@@ -148,8 +148,15 @@ class CheckpointStore:
             return Path(self.root) / tag
         return self.work_dir / "staging" / tag
 
-    def save(self, engine, ema_state: Optional[dict[str, torch.Tensor]], state: dict[str, Any]) -> str:
-        """Collective: every rank calls it with the same ``state``; returns the tag."""
+    def save(self, engine, ema_state: Optional[dict[str, torch.Tensor]], state: dict[str, Any], *,
+             extra_engines: Optional[dict[str, Any]] = None,
+             extra_files: Optional[dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]] = None) -> str:
+        """Collective: every rank calls it with the same ``state``; returns the tag.
+
+        ``extra_engines``: more DeepSpeed engines of the job (the autoencoder's discriminator), each
+        saved in ``<tag>/<name>/``. ``extra_files``: ``{file name: (tensors, metadata)}`` written by
+        rank 0 as safetensors in ``<tag>/``.
+        """
         tag = tag_for(int(state["step"]))
         out = self.save_dir(tag)
         if self.rank == 0 and out.exists():
@@ -157,11 +164,15 @@ class CheckpointStore:
             shutil.rmtree(out)
         distributed.barrier()
         engine.save_checkpoint(str(out.parent), tag=tag, client_state={}, save_latest=False)
+        for name, extra in (extra_engines or {}).items():
+            extra.save_checkpoint(str(out), tag=name, client_state={}, save_latest=False)
         tensors, meta = rng_state()
         atomic_save_safetensors(tensors, out / f"rng_rank{self.rank:05d}.safetensors", meta)
         if self.rank == 0:
             if ema_state is not None:
                 atomic_save_safetensors(ema_state, out / EMA_FILE)
+            for name, (file_tensors, file_meta) in (extra_files or {}).items():
+                atomic_save_safetensors(file_tensors, out / name, file_meta)
             atomic_write_bytes(out / STATE_FILE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
         distributed.barrier()
         if self.rank == 0:

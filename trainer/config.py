@@ -15,9 +15,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from data_pipeline.sources import RetryPolicy, S3Options
+from eval.config import EvalConfig
+from trainer.autoencoder_loss import AutoencoderLossConfig
 from trainer.diffusion.config import DiffusionConfig
 from trainer.models.config import ModelConfig
-from trainer.sampling.samplers import SAMPLERS
 from trainer.tracking import LoggingConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -27,7 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("digits", "webdataset")
 DATA_MODES = ("epoch", "resampled")
 CROPS = ("center", "random")
-EVAL_KINDS = ("none", "digits")
+TASKS = ("diffusion", "autoencoder")
 ACTIVATION_CHECKPOINTING = ("none", "res", "transformer", "all")
 
 
@@ -249,39 +250,6 @@ class CheckpointConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Sampling during and after training (issue 7 adds FID / CLIP score).
-
-    ``digits``: one prompt per digit (``samples_per_prompt`` each), scored by the digit classifier
-    the dataset build fitted; the accuracy goes to the metrics JSON and W&B.
-    """
-
-    kind: str = "digits"
-    interval_steps: int = 0  # 0: only at the end of training
-    prompts: list[str] = field(default_factory=list)  # kind=none: what the sample grid shows
-    samples_per_prompt: int = 10
-    sampler: str = "ddim"
-    num_steps: int = 50
-    guidance_scale: float = 3.0
-    seed: int = 0
-    use_ema: bool = True
-    batch_size: int = 50
-
-    def __post_init__(self) -> None:
-        if self.kind not in EVAL_KINDS:
-            raise _bad("eval", "kind", self.kind, f"one of {EVAL_KINDS}")
-        _check_int("eval", "interval_steps", self.interval_steps, 0)
-        _check_int("eval", "samples_per_prompt", self.samples_per_prompt, 1)
-        if self.sampler not in SAMPLERS:
-            raise _bad("eval", "sampler", self.sampler, f"one of {sorted(SAMPLERS)}")
-        _check_int("eval", "num_steps", self.num_steps, 1)
-        if not self.guidance_scale >= 0:
-            raise _bad("eval", "guidance_scale", self.guidance_scale, "a float >= 0 (1 = no guidance)")
-        _check_int("eval", "seed", self.seed, 0)
-        _check_int("eval", "batch_size", self.batch_size, 1)
-
-
-@dataclass
 class TrainLoopConfig:
     max_steps: int = 1000
     # Samples per optimizer step over the whole job; split as
@@ -319,7 +287,7 @@ class TrainLoopConfig:
 
 
 SIGNALS = ("USR1", "USR2", "TERM")
-SLURM_JOBS = ("train", "precompute")
+SLURM_JOBS = ("train", "precompute", "eval")
 
 
 @dataclass
@@ -327,7 +295,9 @@ class SlurmConfig:
     """How ``trainer.submit`` asks SLURM for the job (``slurm/train.sbatch``), and how the running job
     handles the time-limit signal: checkpoint, then requeue itself (up to ``max_requeues`` times)."""
 
-    job: str = "train"  # or "precompute": the latent cache as a job array of array_tasks tasks
+    # "precompute": the latent cache as a job array of array_tasks tasks; "eval": an evaluation
+    # watcher beside training (slurm/eval_watch.sbatch: python -m eval.run watch=true on the run's checkpoints)
+    job: str = "train"
     array_tasks: int = 8
     nodes: int = 1
     gpus_per_node: int = 8  # 0: CPU tasks
@@ -394,6 +364,8 @@ class PrecomputeConfig:
 class TrainConfig:
     experiment: str = "demo"
     run_dir: str = "runs/demo"
+    # diffusion: the text-to-image model; autoencoder: its first stage (model.autoencoder, with `loss`)
+    task: str = "diffusion"
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -406,8 +378,13 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # task=autoencoder
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is invalid; allowed: one of {TASKS}")
+        if self.task == "autoencoder":
+            self._check_autoencoder_task()
         if not self.run_dir:
             raise _bad("", "run_dir", self.run_dir, "a directory path")
         if self.train.global_batch_size % self.train.micro_batch_size:
@@ -421,6 +398,21 @@ class TrainConfig:
             # own fused optimizers; a client torch optimizer would step fp16 weights directly.
             raise ValueError("deepspeed.precision='fp16' with deepspeed.zero_stage=0 is not supported; "
                              "allowed: precision bf16/fp32, or zero_stage >= 1")
+
+
+    def _check_autoencoder_task(self) -> None:
+        if self.model.autoencoder.kind != "kl":
+            raise ValueError(f"task=autoencoder trains a KL autoencoder; model.autoencoder.kind="
+                             f"{self.model.autoencoder.kind!r} (allowed: 'kl', e.g. model=tiny_kl or an autoencoder preset)")
+        self.loss.check_lpips_source()
+        if self.data.latent_cache:
+            raise ValueError("task=autoencoder trains on images; data.latent_cache must be unset")
+        if self.deepspeed.zero_stage == 3:
+            raise ValueError("task=autoencoder: deepspeed.zero_stage=3 is not supported (the adaptive weight needs "
+                             "the decoder's last layer whole); allowed: 0, 1, 2 (the 84M-parameter KL-f8 fits without it)")
+        if self.eval.kind == "digits":
+            raise ValueError("task=autoencoder: eval.kind='digits' scores text-to-image samples; allowed: eval=none "
+                             "(the job logs reconstructions; held-out metrics: python -m eval.reconstruction)")
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -145,3 +145,20 @@ def initialize(module: nn.Module, trainable: dict[str, nn.Module], *, ds: DeepSp
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
     return engine, optimizer
+
+
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The engine's module as whole fp32 tensors on the CPU, on every rank (collective under ZeRO-3).
+
+    Parameters come from the optimizer's fp32 masters where DeepSpeed keeps them (ZeRO 1-3, bf16),
+    through ``safe_get_full_fp32_param``, so a bf16 run's export is not rounded to bf16.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out: dict[str, torch.Tensor] = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param) if (zero_stage > 0 or param.dtype != torch.float32) else None
+        out[name] = (full if full is not None else param.detach()).float().cpu().clone()
+    for name, buf in engine.module.named_buffers():
+        out[name] = buf.detach().float().cpu().clone()
+    return out

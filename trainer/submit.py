@@ -23,14 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = {"train": ROOT / "slurm" / "train.sbatch", "precompute": ROOT / "slurm" / "precompute.sbatch"}
+TEMPLATES = {"train": ROOT / "slurm" / "train.sbatch", "precompute": ROOT / "slurm" / "precompute.sbatch",
+             "eval": ROOT / "slurm" / "eval_watch.sbatch"}
+EVAL_POLL_INTERVAL_S = 120
 CONF_DIR = str(ROOT / "conf")
 SUBMIT_ONLY = ("slurm.dry_run",)  # overrides that concern submission, not the job
 
 
 def job_name(cfg: TrainConfig) -> str:
     s = cfg.slurm
-    return s.job_name or (cfg.experiment if s.job == "train" else f"{cfg.experiment}-precompute")
+    return s.job_name or (cfg.experiment if s.job == "train" else f"{cfg.experiment}-{s.job}")
 
 
 def log_dir(cfg: TrainConfig) -> Path:
@@ -52,6 +54,8 @@ def render_script(cfg: TrainConfig, overrides: list[str]) -> str:
         if getattr(s, key):
             directives.append(f"--{key}={getattr(s, key)}")
     directives += list(s.extra_directives)
+    if s.job == "eval":
+        return _render_eval(cfg, overrides, directives)
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith(SUBMIT_ONLY)]
     if s.job == "precompute":  # the cache folder: absolute, whatever directory the array runs in
         job_overrides = [o if not o.startswith("precompute.out=") or "://" in o
@@ -71,6 +75,20 @@ def render_script(cfg: TrainConfig, overrides: list[str]) -> str:
     return string.Template(TEMPLATES[s.job].read_text()).substitute(values)
 
 
+def _render_eval(cfg: TrainConfig, overrides: list[str], directives: list[str]) -> str:
+    """The evaluation watcher: the run's checkpoint root, the ``eval.*`` overrides of the command line
+    (the protocol is otherwise the one saved with the run's checkpoints)."""
+    s = cfg.slurm
+    root = cfg.checkpoint.dir or str(Path(cfg.run_dir).resolve() / "checkpoints")
+    eval_overrides = [o for o in overrides if o.startswith("eval.")]
+    values = {"job_name": job_name(cfg), "ntasks_per_node": max(1, s.gpus_per_node), "cpus_per_task": s.cpus_per_task,
+              "time": s.time, "log_dir": str(log_dir(cfg)), "directives": "\n".join(f"#SBATCH {d}" for d in directives),
+              "setup": "\n".join(s.setup), "python": shlex.quote(s.python or sys.executable),
+              "checkpoint_root": shlex.quote(root), "poll_interval_s": EVAL_POLL_INTERVAL_S,
+              "overrides": " ".join(shlex.quote(o) for o in eval_overrides)}
+    return string.Template(TEMPLATES["eval"].read_text()).substitute(values)
+
+
 def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
     """Write the script under ``<run_dir>/slurm/`` and ``sbatch`` it: (job id, script, log file)."""
     from trainer.images import atomic_write_bytes
@@ -87,7 +105,7 @@ def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
         raise RuntimeError(f"sbatch {path} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
     name = job_name(cfg)
-    return job_id, path, log_dir(cfg) / (f"{name}-{job_id}.out" if s.job == "train" else f"{name}-{job_id}_<task>.out")
+    return job_id, path, log_dir(cfg) / (f"{name}-{job_id}.out" if s.job != "precompute" else f"{name}-{job_id}_<task>.out")
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")

@@ -146,6 +146,12 @@ def build_batches(cfg: TrainConfig, env: distributed.DistEnv, accum: int, device
                             pin_memory=device.type == "cuda"), digits_info
 
 
+def trainable_parameters(module: nn.Module, zero_stage: int) -> int:
+    """Trainable parameter count (under ZeRO-3 a rank holds only a partition: ``ds_numel`` is the whole)."""
+    return sum(getattr(p, "ds_numel", p.numel()) if zero_stage == 3 else p.numel()
+               for p in module.parameters() if p.requires_grad)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEnv) -> None:
         self.cfg, self.config_dict, self.env = cfg, config_dict, env
@@ -161,39 +167,17 @@ class Trainer:
 
     def setup(self) -> None:
         from trainer import checkpoint as ckpt
-        from trainer import engine as engine_lib
-        from trainer.diffusion import build_diffusion
-        from trainer.ema import EMA
-        from trainer.inference import build_model
 
         cfg, env = self.cfg, self.env
         self.store = ckpt.CheckpointStore(self.paths.checkpoint_dir, self.paths.work_dir, rank=env.rank,
                                           local_rank=env.local_rank)
         self.resume_point = self._find_resume()
         self.batches, self.digits_info = build_batches(cfg, env, self.accum, self.device)
-
-        parts = build_model(cfg)  # seeded: identical initial weights on every rank; then model.init_from
-        self.parts = parts
-        if cfg.deepspeed.activation_checkpointing != "none":
-            kinds = True if cfg.deepspeed.activation_checkpointing == "all" else [cfg.deepspeed.activation_checkpointing]
-            parts.unet.set_activation_checkpointing(kinds)
-        self.diffusion = build_diffusion(cfg.diffusion)
-        self.text_trainable = parts.text_encoder_trainable
-        module = DiffusionTrainModule(parts.unet, parts.text_encoder if self.text_trainable else None)
-        self.frozen_text = None if self.text_trainable else parts.text_encoder.to(self.device).eval()
-        self.first_stage = parts.first_stage.to(self.device).eval()
-        if cfg.data.latent_cache and cfg.data.latent_cache_check:
-            self._check_latent_cache()
         load_universal = False
         if self.resume_point is not None and ckpt.needs_universal(self.resume_point.state, env.world_size):
             load_universal = True
-        self.engine, self.optimizer = engine_lib.initialize(
-            module, {"model": module}, ds=cfg.deepspeed, optim=cfg.optim,
-            micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation=self.accum,
-            world_size=env.world_size, max_steps=cfg.train.max_steps, device=self.device,
-            load_universal=load_universal)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.deepspeed.precision]
-        self.ema = EMA(self.engine.module, cfg.ema.decay, warmup=cfg.ema.warmup) if cfg.ema.enabled else None
+        description = self.build(load_universal)
 
         self.step = 0
         self.samples_seen = 0
@@ -208,13 +192,45 @@ class Trainer:
                                   config=self.config_dict, is_main=env.rank == 0,
                                   resume_step=self.step if self.resume_point is not None else None,
                                   max_steps=cfg.train.max_steps)
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad) if cfg.deepspeed.zero_stage < 3 \
-            else sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
-        log.info("model %s: %s trainable parameters (unet%s); ZeRO stage %d, %s, %d rank(s), "
-                 "global batch %d = micro %d x accumulation %d x world %d; device %s",
-                 cfg.model.name, f"{trainable:,}", " + text encoder" if self.text_trainable else "",
-                 cfg.deepspeed.zero_stage, cfg.deepspeed.precision, env.world_size, cfg.train.global_batch_size,
-                 cfg.train.micro_batch_size, self.accum, env.world_size, self.device)
+        log.info("model %s: %s; ZeRO stage %d, %s, %d rank(s), global batch %d = micro %d x accumulation %d x "
+                 "world %d; device %s", cfg.model.name, description, cfg.deepspeed.zero_stage, cfg.deepspeed.precision,
+                 env.world_size, cfg.train.global_batch_size, cfg.train.micro_batch_size, self.accum, env.world_size,
+                 self.device)
+
+    def _initialize_engine(self, module: nn.Module, load_universal: bool):
+        from trainer import engine as engine_lib
+
+        cfg = self.cfg
+        return engine_lib.initialize(
+            module, {"model": module}, ds=cfg.deepspeed, optim=cfg.optim,
+            micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation=self.accum,
+            world_size=self.env.world_size, max_steps=cfg.train.max_steps, device=self.device,
+            load_universal=load_universal)
+
+    def build(self, load_universal: bool) -> str:
+        """The networks, the DeepSpeed engine, EMA and the eval protocol; returns a one-line summary."""
+        from trainer.diffusion import build_diffusion
+        from trainer.ema import EMA
+        from trainer.inference import build_model
+
+        cfg = self.cfg
+        parts = build_model(cfg)  # seeded: identical initial weights on every rank; then model.init_from
+        self.parts = parts
+        if cfg.deepspeed.activation_checkpointing != "none":
+            kinds = True if cfg.deepspeed.activation_checkpointing == "all" else [cfg.deepspeed.activation_checkpointing]
+            parts.unet.set_activation_checkpointing(kinds)
+        self.diffusion = build_diffusion(cfg.diffusion)
+        self.text_trainable = parts.text_encoder_trainable
+        module = DiffusionTrainModule(parts.unet, parts.text_encoder if self.text_trainable else None)
+        self.frozen_text = None if self.text_trainable else parts.text_encoder.to(self.device).eval()
+        self.first_stage = parts.first_stage.to(self.device).eval()
+        if cfg.data.latent_cache and cfg.data.latent_cache_check:
+            self._check_latent_cache()
+        self.engine, self.optimizer = self._initialize_engine(module, load_universal)
+        self.ema = EMA(self.engine.module, cfg.ema.decay, warmup=cfg.ema.warmup) if cfg.ema.enabled else None
+        self._setup_eval()
+        return (f"{trainable_parameters(module, cfg.deepspeed.zero_stage):,} trainable parameters "
+                f"(unet{' + text encoder' if self.text_trainable else ''})")
 
     def _check_latent_cache(self) -> None:
         from data_pipeline.latents import cache_shard_urls, check_manifest
@@ -373,11 +389,23 @@ class Trainer:
     def save_checkpoint(self) -> str:
         t0 = time.time()
         ema_state = self.ema.state_dict() if self.ema is not None else None
-        tag = self.store.save(self.engine, ema_state, self.trainer_state())
+        tag = self.store.save(self.engine, ema_state, self.trainer_state(), **self.checkpoint_extras())
         removed = self.store.prune(self.cfg.checkpoint.keep_last)
         log.info("saved checkpoint %s in %.1fs%s", tag, time.time() - t0,
                  f" (removed {', '.join(removed)})" if removed else "")
         return tag
+
+    def step_scalars(self, out: dict[str, Any]) -> dict[str, float]:
+        """The loss terms logged on a logging step."""
+        return {"loss": out["loss"]}
+
+    def final_report(self) -> list[str]:
+        """Lines the job prints at its end, after where its outputs are."""
+        return []
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """More engines / files a checkpoint holds (the autoencoder's discriminator, ...)."""
+        return {}
 
     def _sampling_modules(self) -> tuple[nn.Module, nn.Module]:
         """Whole, unpartitioned copies of the UNet and text encoder holding the EMA (default) or the
@@ -403,60 +431,96 @@ class Trainer:
             text = self.frozen_text
         return unet.to(self.device).eval(), text.to(self.device).eval()
 
-    def prompts(self) -> list[str]:
-        cfg = self.cfg
-        if cfg.eval.kind == "digits":
-            from data_pipeline.demo_digits import DIGIT_NAMES, caption_for, PALETTE
+    # ------------------------------------------------------------------ evaluation
 
-            colors = list(PALETTE)
-            return [caption_for(d, colors[(d + k) % len(colors)])
-                    for d in range(len(DIGIT_NAMES)) for k in range(cfg.eval.samples_per_prompt)]
-        base = list(cfg.eval.prompts) or self.batches.example_captions(8)
-        return [p for p in base for _ in range(cfg.eval.samples_per_prompt)]
+    @property
+    def eval_resolution(self) -> int:
+        return self.cfg.eval.resolution or self.cfg.data.image_size
+
+    def _setup_eval(self) -> None:
+        """The protocol's prompts, scorers (weights from local paths) and, on rank 0, the reference
+        statistics: built before training, so a missing file fails before the first step."""
+        from eval.protocol import build_scorers, load_reference, protocol_prompts
+
+        cfg = self.cfg
+        self.eval_prompts, self.eval_labels = protocol_prompts(cfg.eval, self.batches.example_captions)
+        classifier = str(self.digits_info.classifier_path) if self.digits_info is not None else None
+        self.eval_scorers = build_scorers(cfg.eval, digit_classifier_path=classifier, device=self.device)
+        self.eval_reference, self.eval_reference_info = None, None
+        if self.env.rank == 0 and self.eval_scorers.extractor is not None:
+            from data_pipeline.stream import options_of
+
+            default = self.digits_info.val_url if self.digits_info is not None else None
+            source = cfg.eval.reference or default
+            self.eval_reference, self.eval_reference_info = load_reference(
+                cfg.eval, self.eval_scorers.extractor, resolution=self.eval_resolution, default=default,
+                storage_options=options_of(cfg.data, source) if source else None)
+            if self.eval_reference is not None:
+                log.info("eval reference statistics: %s", self.eval_reference_info)
 
     def evaluate(self) -> dict[str, Any]:
-        """Sample the eval prompts (rank 0), log a grid, and score digits when asked."""
-        from trainer.sampling.pipeline import text_to_image
+        """Run the eval protocol on every rank (each samples its share with the EMA weights), log the
+        metrics and a grid per guidance scale, and write the results JSON beside the checkpoints.
+        A failure is logged and reported in the results; training goes on."""
+        from eval.protocol import EvalFailed, run_protocol, sampler_fn
 
         cfg = self.cfg
         unet, text = self._sampling_modules()
-        if self.env.rank != 0:
-            distributed.barrier()
-            return {}
-        t0 = time.time()
-        prompts = self.prompts()
-        f = getattr(self.first_stage, "downsample_factor", 1)
-        shape = (cfg.model.unet.in_channels, cfg.data.image_size // f, cfg.data.image_size // f)
         tokenizer = self.parts.tokenizer
+        f = getattr(self.first_stage, "downsample_factor", 1)
+        res = self.eval_resolution
 
         def encode(p: list[str]) -> torch.Tensor:
             return text(tokenizer(p).to(self.device))
 
-        images = text_to_image(unet, encode, self.first_stage, prompts, [cfg.eval.seed + i for i in range(len(prompts))],
-                               schedule=self.diffusion.schedule, latent_shape=shape, sampler=cfg.eval.sampler,
-                               num_steps=cfg.eval.num_steps, guidance_scale=cfg.eval.guidance_scale,
-                               batch_size=cfg.eval.batch_size, device=self.device)
-        result: dict[str, Any] = {"eval/step": self.step, "eval/sampler": cfg.eval.sampler,
-                                  "eval/num_steps": cfg.eval.num_steps, "eval/guidance_scale": cfg.eval.guidance_scale,
-                                  "eval/weights": "ema" if (self.ema is not None and cfg.eval.use_ema) else "live",
-                                  "eval/num_samples": len(prompts), "eval/seconds": None}
-        if cfg.eval.kind == "digits":
-            from data_pipeline.demo_digits import DigitClassifier
-
-            classifier = DigitClassifier.load(self.digits_info.classifier_path)
-            predicted = classifier.predict(images, value_range=(-1.0, 1.0))
-            wanted = [d for d in range(10) for _ in range(cfg.eval.samples_per_prompt)]
-            correct = [int(p == w) for p, w in zip(predicted.tolist(), wanted)]
-            result["eval/digit_accuracy"] = sum(correct) / len(correct)
-            for d in range(10):
-                sel = correct[d * cfg.eval.samples_per_prompt:(d + 1) * cfg.eval.samples_per_prompt]
-                result[f"eval/digit_accuracy/{d}"] = sum(sel) / len(sel)
-        result["eval/seconds"] = time.time() - t0
-        grid = self.tracker.log_images(self.step, "samples", images, prompts)
-        result["eval/grid"] = str(grid)
-        self.tracker.log_scalars(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))})
+        generate = sampler_fn(unet, encode, self.first_stage, self.diffusion.schedule,
+                              latent_shape=(cfg.model.unet.in_channels, res // f, res // f),
+                              sampler=cfg.eval.sampler, num_steps=cfg.eval.num_steps, device=self.device)
+        head: dict[str, Any] = {"eval/step": self.step, "eval/sampler": cfg.eval.sampler,
+                                "eval/num_steps": cfg.eval.num_steps, "eval/guidance_scales": cfg.eval.guidance_scales,
+                                "eval/weights": "ema" if (self.ema is not None and cfg.eval.use_ema) else "live",
+                                "eval/num_samples": len(self.eval_prompts)}
+        try:
+            result = run_protocol(cfg.eval, generate, self.eval_prompts, scorers=self.eval_scorers,
+                                  reference_stats=self.eval_reference, labels=self.eval_labels,
+                                  rank=self.env.rank, world_size=self.env.world_size,
+                                  gather=distributed.all_gather_object)
+        except EvalFailed as e:  # raised on every rank together
+            log.error("evaluation at step %d failed; training continues: %s", self.step, e)
+            self.tracker.log_scalars(self.step, {"eval/failed": 1})
+            return {**head, "eval/error": str(e)}
+        out = dict(head)
+        if self.env.rank == 0:
+            try:
+                out.update(self._report_eval(result))
+            except Exception as e:  # noqa: BLE001 - a broken report (disk, W&B) never stops training
+                log.exception("writing the evaluation of step %d failed; training continues", self.step)
+                out["eval/error"] = f"{type(e).__name__}: {e}"
         distributed.barrier()
-        return result
+        return out
+
+    def _report_eval(self, result: dict[str, Any]) -> dict[str, Any]:
+        from eval.protocol import results_record, scalar_logs, write_record
+        from trainer.checkpoint import tag_for
+
+        cfg = self.cfg
+        scalars = scalar_logs(result)
+        self.tracker.log_scalars(self.step, scalars)
+        out: dict[str, Any] = dict(scalars)
+        shown = result["prompts_shown"]
+        for i, (scale, grid) in enumerate(result["grids"].items()):
+            key = "samples" if len(result["grids"]) == 1 else f"samples_g{scale:g}"
+            path = self.tracker.log_images(self.step, key, torch.from_numpy(grid).float(), shown[:len(grid)],
+                                           value_range=(0.0, 255.0))
+            if i == 0:
+                out["eval/grid"] = str(path)
+        source = {"checkpoint": self.paths.checkpoint_dir, "tag": tag_for(self.step), "step": self.step,
+                  "weights": out.get("eval/weights") or ("ema" if (self.ema is not None and cfg.eval.use_ema) else "live"),
+                  "run_id": self.run_id}
+        record = results_record(cfg.eval, result, scorers=self.eval_scorers, reference_info=self.eval_reference_info,
+                                source=source, resolution=self.eval_resolution)
+        out["eval/json"] = write_record(record, f"{self.paths.checkpoint_dir.rstrip('/')}/eval/{tag_for(self.step)}.json")
+        return out
 
     # ------------------------------------------------------------------ loop
 
@@ -487,7 +551,7 @@ class Trainer:
                 if self.ema is not None and self.step > cfg.ema.start_step and self.step % cfg.ema.update_every == 0:
                     self.ema.update()
             if self.tracker.is_log_step(self.step):
-                scalars = {"loss": out["loss"], "lr": self.engine.get_lr()[0], "step_time_s": step_time,
+                scalars = {**self.step_scalars(out), "lr": self.engine.get_lr()[0], "step_time_s": step_time,
                            "samples_per_s": cfg.train.global_batch_size / step_time,
                            "samples_seen": self.samples_seen, "nan_steps": self.nan_steps,
                            "mem_gb": _memory_gb(self.device)}
@@ -554,9 +618,14 @@ class Trainer:
                  f"metrics:         {self.paths.metrics_path}"]
         if "eval/grid" in last_eval:
             lines.append(f"samples grid:    {last_eval['eval/grid']}")
+        if "eval/fid" in last_eval:
+            lines.append(f"FID:             {last_eval['eval/fid']:.3f} ({self.cfg.eval.feature_kind} features, "
+                         f"{last_eval['eval/num_samples']} samples, guidance {self.cfg.eval.guidance_scales[0]:g}; "
+                         f"all results: {last_eval.get('eval/json')})")
         if "eval/digit_accuracy" in last_eval:
             lines.append(f"digit accuracy:  {last_eval['eval/digit_accuracy']:.1%} of samples recognised as "
                          f"the prompted digit (chance 10%)")
+        lines += self.final_report()
         if self.tracker.wandb_run_dir is not None:
             lines.append(f"W&B ({self.tracker.wandb_mode}): {self.tracker.wandb_run_dir}"
                          + (f"  (upload: wandb sync {self.tracker.wandb_run_dir})"
@@ -576,7 +645,12 @@ def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
             sock.bind(("127.0.0.1", 0))
             env = dataclasses.replace(env, master_port=sock.getsockname()[1])
     _setup_logging(Path(cfg.run_dir), env.rank)
-    trainer = Trainer(cfg, config_dict, env)
+    if cfg.task == "autoencoder":
+        from trainer.autoencoder_trainer import AutoencoderTrainer
+
+        trainer: Trainer = AutoencoderTrainer(cfg, config_dict, env)
+    else:
+        trainer = Trainer(cfg, config_dict, env)
     import deepspeed
 
     if env.world_size > 1 or not torch.distributed.is_initialized():
