@@ -28,8 +28,8 @@ def train_env() -> dict[str, str]:
     return env
 
 
-def train_command(run_dir: Path, overrides: list[str], nproc: int = 1) -> list[str]:
-    args = ["experiment=tiny", f"run_dir={run_dir}", f"data.root={ROOT / '.cache' / 'data' / 'digits16'}",
+def train_command(run_dir: Path, overrides: list[str], nproc: int = 1, experiment: str = "tiny") -> list[str]:
+    args = [f"experiment={experiment}", f"run_dir={run_dir}", f"data.root={ROOT / '.cache' / 'data' / 'digits16'}",
             *overrides]
     if nproc == 1:
         return [sys.executable, "-m", "trainer.train", *args]
@@ -48,9 +48,9 @@ def output_of(proc: subprocess.Popen) -> str:
 
 
 def run(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300,
-        expect: int | None = 0) -> subprocess.CompletedProcess:
+        expect: int | None = 0, experiment: str = "tiny") -> subprocess.CompletedProcess:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(train_command(run_dir, overrides, nproc), cwd=ROOT, env=train_env(),
+    proc = subprocess.run(train_command(run_dir, overrides, nproc, experiment), cwd=ROOT, env=train_env(),
                           capture_output=True, text=True, timeout=timeout)
     if expect is not None and proc.returncode != expect:
         raise AssertionError(f"trainer.train exited {proc.returncode}, expected {expect}:\n"

@@ -153,7 +153,9 @@ class AutoencoderTrainer(Trainer):
         with torch.no_grad():
             self.engine.module.eval()
             posterior = self.engine.module.autoencoder.encode(self.last_images.to(self.dtype))
-            z = posterior.sample().float() - self.cfg.model.autoencoder.shift_factor
+            # Its own generator: estimating at a checkpoint must not move the training's RNG stream.
+            noise = torch.Generator(self.device).manual_seed(self.cfg.train.seed + self.env.rank)
+            z = posterior.sample(noise).float() - self.cfg.model.autoencoder.shift_factor
             self.engine.module.train()
         stats = distributed.all_reduce_sum(torch.tensor([z.sum().item(), z.pow(2).sum().item(), z.numel()],
                                                         dtype=torch.float64), self.device)

@@ -389,7 +389,8 @@ class Trainer:
     def save_checkpoint(self) -> str:
         t0 = time.time()
         ema_state = self.ema.state_dict() if self.ema is not None else None
-        tag = self.store.save(self.engine, ema_state, self.trainer_state(), **self.checkpoint_extras())
+        extras = self.checkpoint_extras()  # first: it may add to the trainer state (the latent scale)
+        tag = self.store.save(self.engine, ema_state, self.trainer_state(), **extras)
         removed = self.store.prune(self.cfg.checkpoint.keep_last)
         log.info("saved checkpoint %s in %.1fs%s", tag, time.time() - t0,
                  f" (removed {', '.join(removed)})" if removed else "")

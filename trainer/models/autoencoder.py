@@ -547,3 +547,21 @@ def load_first_stage_weights(model: AutoencoderKL, path: str | Path, cfg: Autoen
                               unexpected=sorted(set(sd) - set(expected)) + not_tensors)
     report.raise_if_incomplete(f"{CHECKPOINT_KEY}={str(path)!r}")
     model.load_state_dict(sd, strict=True)
+    _check_stored_scale(Path(path), cfg)
+
+
+def _check_stored_scale(path: Path, cfg: AutoencoderConfig) -> None:
+    """An autoencoder trained here stores its latent scale (1 / std of its latents) in the file's
+    metadata; warn when the configured one differs, as a diffusion model would see latents of
+    another variance than the one the file was measured with."""
+    if path.suffix != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    stored = meta.get("scale_factor")
+    if stored is not None and not math.isclose(float(stored), cfg.scale_factor, rel_tol=1e-6):
+        warnings.warn(f"{CHECKPOINT_KEY}={str(path)!r} was measured with latent scale {float(stored):.6g} "
+                      f"(1 / std of its latents) but model.autoencoder.scale_factor={cfg.scale_factor}; "
+                      f"set model.autoencoder.scale_factor={float(stored):.6g} unless the difference is intended")
