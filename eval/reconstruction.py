@@ -1,4 +1,5 @@
-"""``python -m eval.reconstruction checkpoint=<autoencoder.safetensors | root/tag | checkpoint root | run dir> data=<held-out shards>``
+"""``python -m eval.reconstruction checkpoint=<autoencoder.safetensors | root/tag | root | run dir>
+data=<held-out shards>``
 
 How well a trained KL autoencoder (``trainer.train task=autoencoder``) reconstructs held-out images:
 PSNR, SSIM, LPIPS and rFID, written as JSON (default: ``reconstruction.json`` beside the checkpoint's
@@ -28,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -442,9 +442,11 @@ def evaluate(cfg: ReconstructionConfig) -> dict[str, Any]:
     out_fs, out_path = fsspec.core.url_to_fs(out)
     if out_fs.exists(out_path) and not cfg.overwrite:
         raise FileExistsError(f"out={out!r} exists; choose another path or overwrite=true")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise _bad("device", cfg.device, "cpu or auto here: this machine has no CUDA device")
     if cfg.lpips_backbone is None and not cfg.lpips_random_backbone:
-        warnings.warn("neither lpips_backbone=<vgg16-397923af.pth> nor lpips_random_backbone=true is given: "
-                      "LPIPS is not computed (reported as null)")
+        log.warning("neither lpips_backbone=<vgg16-397923af.pth> nor lpips_random_backbone=true is given: "
+                    "LPIPS is not computed (reported as null)")
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)

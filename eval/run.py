@@ -170,18 +170,24 @@ def _exists(url: str) -> bool:
 def run(args: EvalRunConfig) -> list[dict[str, Any]]:
     """Evaluate ``args.checkpoint`` (or, with ``watch``, each checkpoint of its root as it appears);
     returns the results records (rank 0)."""
-    from eval.protocol import format_table, write_record
+    import tempfile
+
     from trainer import distributed
-    from trainer.checkpoint import POINTER, CheckpointStore
-    from trainer.inference import resolve_checkpoint, train_config_of
 
     env = distributed.detect_env()
     if env.world_size > 1:
         distributed.init_process_group(env)
     device = _device(args.device, env)
-    import tempfile
+    with tempfile.TemporaryDirectory(prefix="eval-") as work:
+        return _run(args, env, device, Path(work))
 
-    work = Path(tempfile.mkdtemp(prefix="eval-"))
+
+def _run(args: EvalRunConfig, env, device: torch.device, work: Path) -> list[dict[str, Any]]:
+    from eval.protocol import format_table, write_record
+    from trainer import distributed
+    from trainer.checkpoint import POINTER, CheckpointStore
+    from trainer.inference import resolve_checkpoint, train_config_of
+
     point = resolve_checkpoint(args.checkpoint, work, files=())  # the state only: config and step
     root_url = args.checkpoint.rstrip("/")
     if root_url.endswith(point.tag):
@@ -223,7 +229,10 @@ def run(args: EvalRunConfig) -> list[dict[str, Any]]:
         pending, finished = distributed.broadcast_object((pending, finished))
         for tag in pending:
             log.info("evaluating %s/%s", root_url, tag)
-            evaluate(tag)
+            try:
+                evaluate(tag)
+            except FileNotFoundError as e:  # pruned by training (checkpoint.keep_last) since it was listed
+                log.warning("checkpoint %s disappeared before it was evaluated: %s", tag, e)
         if pending:
             idle_since = time.monotonic()
         elif finished:

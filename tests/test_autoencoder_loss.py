@@ -510,3 +510,21 @@ def test_config_validates_through_omegaconf():
     assert isinstance(ok, AutoencoderLossConfig) and ok.disc_start == 50001 and ok.disc_weight == 0.5
     with pytest.raises(ValueError, match=re.escape("loss.disc_start=-1: expected an int >= 0")):
         OmegaConf.to_object(OmegaConf.merge(schema, {"lpips_random_backbone": True, "disc_start": -1}))
+
+
+def test_conv_weight_grad_equals_autograd_on_the_weight():
+    from trainer.autoencoder_loss import ConvWeightGrad, adaptive_weight
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 3, 3, padding=1)
+    tap = ConvWeightGrad(conv)
+    h = torch.randn(2, 6, 9, 7, requires_grad=True)
+    y = conv(h)
+    loss_a, loss_b = y.pow(2).sum(), (y.sin() * 3).mean()
+    for loss in (loss_a, loss_b):
+        expected = torch.autograd.grad(loss, conv.weight, retain_graph=True)[0]
+        torch.testing.assert_close(tap(loss), expected, rtol=1e-5, atol=1e-6)
+    by_weight = adaptive_weight(loss_a, loss_b, conv.weight, 0.5)
+    by_tap = adaptive_weight(loss_a, loss_b, tap, 0.5)
+    torch.testing.assert_close(by_tap, by_weight, rtol=1e-5, atol=0)
+    assert conv.weight.grad is None  # neither path accumulates into the weight

@@ -218,3 +218,43 @@ class AutoencoderTrainer(Trainer):
         return [f"latent scale:    {scale:.5f} (1 / std of the latents; stored in {AUTOENCODER_FILE})",
                 f"use it:          model.autoencoder.checkpoint_path={self.paths.checkpoint_dir}/{tag}/{AUTOENCODER_FILE} "
                 f"model.autoencoder.scale_factor={scale:.6g}"]
+
+
+def autoencoder_overrides(checkpoint: str) -> list[str]:
+    """The ``model.autoencoder`` overrides that make a diffusion job (or a latent-cache precompute)
+    use the autoencoder of ``checkpoint`` (run dir, checkpoint root or root/tag; local)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from trainer.inference import resolve_checkpoint
+
+    point = resolve_checkpoint(checkpoint, files=(AUTOENCODER_FILE,))
+    path = (Path(point.local_dir) / point.tag / AUTOENCODER_FILE).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint={checkpoint!r}: {point.tag} has no {AUTOENCODER_FILE} "
+                                f"(not a task=autoencoder run?)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return [f"model.autoencoder.checkpoint_path={path}", f"model.autoencoder.scale_factor={float(meta['scale_factor']):.6g}"]
+
+
+def main(argv: list[str]) -> None:
+    """``python -m trainer.autoencoder_trainer <run dir | checkpoint root | root/tag>``: print the
+    overrides with which a diffusion job uses that autoencoder (e.g. ``$(python -m ... runs/ae)``)."""
+    import sys
+
+    if len(argv) != 1:
+        print(main.__doc__, file=sys.stderr)
+        sys.exit(2)
+    try:
+        print(" ".join(autoencoder_overrides(argv[0])))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

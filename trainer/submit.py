@@ -79,8 +79,13 @@ def _render_eval(cfg: TrainConfig, overrides: list[str], directives: list[str]) 
     """The evaluation watcher: the run's checkpoint root, the ``eval.*`` overrides of the command line
     (the protocol is otherwise the one saved with the run's checkpoints)."""
     s = cfg.slurm
-    root = cfg.checkpoint.dir or str(Path(cfg.run_dir).resolve() / "checkpoints")
-    eval_overrides = [o for o in overrides if o.startswith("eval.")]
+    root = cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints")
+    if "://" not in root:
+        root = str(Path(root).resolve())  # the job may start in another directory
+    # A preset chosen with `eval=<name>` becomes eval.run's `protocol=<name>` (dropping it would
+    # silently evaluate the run's saved protocol instead).
+    presets = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == "eval"]
+    eval_overrides = [f"protocol={name}" for name in presets[-1:]] + [o for o in overrides if o.startswith("eval.")]
     values = {"job_name": job_name(cfg), "ntasks_per_node": max(1, s.gpus_per_node), "cpus_per_task": s.cpus_per_task,
               "time": s.time, "log_dir": str(log_dir(cfg)), "directives": "\n".join(f"#SBATCH {d}" for d in directives),
               "setup": "\n".join(s.setup), "python": shlex.quote(s.python or sys.executable),
