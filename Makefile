@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 PYTEST_ARGS ?=
 
-.PHONY: install run plan test test-slow bench clean
+.PHONY: install run run-pixel plan test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,14 +25,28 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on the embedded default: build the coloured-digits shards, cache them through the
-# model's first stage (data_pipeline.precompute; reruns reuse the cache), train the tiny model from
-# the cache with DeepSpeed on the CPU, sample every digit, score the samples (W&B offline unless a
-# key is set).
-DEMO_CACHE ?= $(CURDIR)/.cache/latents/demo
+# The main job on the embedded default, the paper's two stages at demo scale: build the coloured-digits
+# shards, train the demo's KL-f2 autoencoder on them (task=autoencoder: L1 + LPIPS + patch-GAN + KL) and
+# report its reconstructions on the held-out digits (eval.reconstruction), cache the digits' latents
+# through it (data_pipeline.precompute; reruns reuse the cache), train the tiny text-to-image UNet on the
+# cached latents with DeepSpeed on the CPU, sample every digit, score the samples (digit recognition,
+# FID on the digit classifier's features). W&B offline unless a key is set. ARGS go to the diffusion job.
+DEMO_DIGITS := $(CURDIR)/.cache/data/digits16
+DEMO_AE_RUN ?= runs/demo_autoencoder
+DEMO_CACHE ?= $(CURDIR)/.cache/latents/demo_latent
 run: install
-	$(PY) -m data_pipeline.precompute experiment=demo precompute.out=$(DEMO_CACHE) $(ARGS)
-	$(PY) -m trainer.train experiment=demo data.latent_cache=$(DEMO_CACHE) $(ARGS)
+	$(PY) -m trainer.train experiment=demo_autoencoder run_dir=$(DEMO_AE_RUN) $(AE_ARGS)
+	$(PY) -m eval.reconstruction checkpoint=$(DEMO_AE_RUN) data=$(DEMO_DIGITS)/val-000000.tar features=digits \
+	    digit_classifier=$(DEMO_DIGITS)/digit_classifier.json lpips_random_backbone=true overwrite=true
+	ae="$$($(PY) -m trainer.autoencoder_trainer $(DEMO_AE_RUN))" && \
+	$(PY) -m data_pipeline.precompute experiment=demo_latent $$ae precompute.out=$(DEMO_CACHE) && \
+	$(PY) -m trainer.train experiment=demo_latent $$ae data.latent_cache=$(DEMO_CACHE) $(ARGS)
+
+# The pixel-space variant (the paper's LDM-1): no autoencoder, the cache holds exact fp32 pixels.
+PIXEL_CACHE ?= $(CURDIR)/.cache/latents/demo
+run-pixel: install
+	$(PY) -m data_pipeline.precompute experiment=demo precompute.out=$(PIXEL_CACHE) $(ARGS)
+	$(PY) -m trainer.train experiment=demo data.latent_cache=$(PIXEL_CACHE) $(ARGS)
 
 plan: install
 	$(PY) -m trainer.plan $(ARGS)

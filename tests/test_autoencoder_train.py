@@ -132,3 +132,17 @@ def test_bad_autoencoder_settings_fail_before_training(tmp_path: Path, overrides
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_overrides_cli_names_the_latest_autoencoder(straight: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "trainer.autoencoder_trainer", str(straight)], cwd=ROOT,
+                          env=th.train_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    path_arg, scale_arg = proc.stdout.split()
+    path = straight.resolve() / "checkpoints" / "step00000006" / "autoencoder.safetensors"
+    assert path_arg == f"model.autoencoder.checkpoint_path={path}"
+    with safe_open(str(path), "pt") as f:
+        assert float(scale_arg.split("=", 1)[1]) == float(f.metadata()["scale_factor"])
+    bad = subprocess.run([sys.executable, "-m", "trainer.autoencoder_trainer", str(straight / "nowhere")], cwd=ROOT,
+                         env=th.train_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "is not a checkpoint" in bad.stderr

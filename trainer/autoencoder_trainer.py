@@ -192,6 +192,9 @@ class AutoencoderTrainer(Trainer):
     def _setup_eval(self) -> None:
         pass
 
+    def final_evaluation(self) -> bool:
+        return True  # the last reconstructions
+
     def evaluate(self) -> dict[str, Any]:
         """Log (input | reconstruction) pairs of the last training batch; held-out metrics are
         ``python -m eval.reconstruction``'s."""
@@ -217,7 +220,7 @@ class AutoencoderTrainer(Trainer):
             return []
         return [f"latent scale:    {scale:.5f} (1 / std of the latents; stored in {AUTOENCODER_FILE})",
                 f"use it:          model.autoencoder.checkpoint_path={self.paths.checkpoint_dir}/{tag}/{AUTOENCODER_FILE} "
-                f"model.autoencoder.scale_factor={scale:.6g}"]
+                f"model.autoencoder.scale_factor={scale!r}"]
 
 
 def autoencoder_overrides(checkpoint: str) -> list[str]:
@@ -236,7 +239,7 @@ def autoencoder_overrides(checkpoint: str) -> list[str]:
                                 f"(not a task=autoencoder run?)")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    return [f"model.autoencoder.checkpoint_path={path}", f"model.autoencoder.scale_factor={float(meta['scale_factor']):.6g}"]
+    return [f"model.autoencoder.checkpoint_path={path}", f"model.autoencoder.scale_factor={float(meta['scale_factor'])!r}"]
 
 
 def main(argv: list[str]) -> None:

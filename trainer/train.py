@@ -396,6 +396,10 @@ class Trainer:
                  f" (removed {', '.join(removed)})" if removed else "")
         return tag
 
+    def final_evaluation(self) -> bool:
+        """Whether the finished job evaluates once more at its last step."""
+        return self.cfg.eval.kind != "none" or bool(self.cfg.eval.prompts)
+
     def step_scalars(self, out: dict[str, Any]) -> dict[str, float]:
         """The loss terms logged on a logging step."""
         return {"loss": out["loss"]}
@@ -587,7 +591,7 @@ class Trainer:
         if finished:
             if self.store.latest_tag() != f"step{self.step:08d}":
                 self.save_checkpoint()
-            if cfg.eval.kind != "none" or cfg.eval.prompts:
+            if self.final_evaluation():
                 last_eval = self.evaluate() or last_eval
         elapsed = time.time() - t_start
         skipped = {r: n for r, n in self.batches.skip_counts(self.device).items() if n}
