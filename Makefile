@@ -26,11 +26,12 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The main job on the embedded default, the paper's two stages at demo scale: build the coloured-digits
-# shards, train the demo's KL-f2 autoencoder on them (task=autoencoder: L1 + LPIPS + patch-GAN + KL) and
-# report its reconstructions on the held-out digits (eval.reconstruction), cache the digits' latents
-# through it (data_pipeline.precompute; reruns reuse the cache), train the tiny text-to-image UNet on the
-# cached latents with DeepSpeed on the CPU, sample every digit, score the samples (digit recognition,
-# FID on the digit classifier's features). W&B offline unless a key is set. ARGS go to the diffusion job.
+# shards, train the demo's KL-f2 autoencoder on them (task=autoencoder: L1 + LPIPS + patch-GAN + KL),
+# report its held-out reconstructions (eval.reconstruction), cache the digits' latents through it
+# (data_pipeline.precompute; reruns reuse the autoencoder and the cache), train the tiny text-to-image
+# UNet on the cached latents with DeepSpeed on the CPU, sample every digit, score the samples (digit
+# recognition, FID on the digit classifier's features). W&B offline unless a key is set. ARGS go to
+# the diffusion job, AE_ARGS to the autoencoder's.
 DEMO_DIGITS := $(CURDIR)/.cache/data/digits16
 DEMO_AE_RUN ?= runs/demo_autoencoder
 DEMO_CACHE ?= $(CURDIR)/.cache/latents/demo_latent
@@ -42,7 +43,7 @@ run: install
 	$(PY) -m data_pipeline.precompute experiment=demo_latent $$ae precompute.out=$(DEMO_CACHE) && \
 	$(PY) -m trainer.train experiment=demo_latent $$ae data.latent_cache=$(DEMO_CACHE) $(ARGS)
 
-# The pixel-space variant (the paper's LDM-1): no autoencoder, the cache holds exact fp32 pixels.
+# The pixel-space variant (the paper's LDM-1): no autoencoder; the cache holds exact fp32 pixels.
 PIXEL_CACHE ?= $(CURDIR)/.cache/latents/demo
 run-pixel: install
 	$(PY) -m data_pipeline.precompute experiment=demo precompute.out=$(PIXEL_CACHE) $(ARGS)

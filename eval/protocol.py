@@ -254,8 +254,8 @@ def compute_metrics(outputs: dict[str, Any], *, reference_stats=None, reference_
 
 
 def run_protocol(cfg: EvalConfig, generate: GenerateFn, prompts: list[str], *, scorers: Scorers,
-                 reference_stats=None, reference_features=None, labels: Optional[list[int]] = None, rank: int = 0, world_size: int = 1,
-                 gather: GatherFn = lambda x: [x]) -> dict[str, Any]:
+                 reference_stats=None, reference_features=None, labels: Optional[list[int]] = None,
+                 rank: int = 0, world_size: int = 1, gather: GatherFn = lambda x: [x]) -> dict[str, Any]:
     """Every guidance scale of the sweep; returns ``{"scales": [{guidance_scale, metrics...}],
     "grids": {scale: uint8 (n, 3, H, W)}, "prompts_shown": [...], "seconds", "images_per_second"}``
     (metrics on every rank: the gathered arrays are the same everywhere)."""
