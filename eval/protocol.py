@@ -321,12 +321,13 @@ def format_table(record: dict[str, Any]) -> str:
 def write_record(record: dict[str, Any], url: str) -> str:
     """Write ``record`` as JSON to a local path (atomically) or an fsspec URL (one PUT)."""
     import fsspec
+    from fsspec.implementations.local import LocalFileSystem
 
     from trainer.images import atomic_write_bytes
 
     data = (json.dumps(record, indent=2, default=_json_default) + "\n").encode()
     fs, path = fsspec.core.url_to_fs(url)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if isinstance(fs, LocalFileSystem):
         atomic_write_bytes(Path(path), data)
     else:
         fs.pipe_file(path, data)

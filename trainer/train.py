@@ -520,8 +520,7 @@ class Trainer:
             if i == 0:
                 out["eval/grid"] = str(path)
         source = {"checkpoint": self.paths.checkpoint_dir, "tag": tag_for(self.step), "step": self.step,
-                  "weights": out.get("eval/weights") or ("ema" if (self.ema is not None and cfg.eval.use_ema) else "live"),
-                  "run_id": self.run_id}
+                  "weights": "ema" if (self.ema is not None and cfg.eval.use_ema) else "live", "run_id": self.run_id}
         record = results_record(cfg.eval, result, scorers=self.eval_scorers, reference_info=self.eval_reference_info,
                                 source=source, resolution=self.eval_resolution)
         out["eval/json"] = write_record(record, f"{self.paths.checkpoint_dir.rstrip('/')}/eval/{tag_for(self.step)}.json")
