@@ -147,7 +147,9 @@ def _as_channels_last(images: Any, value_range: tuple[float, float] | None) -> n
     except ImportError:  # pragma: no cover - torch is a core dependency
         torch = None
     if torch is not None and isinstance(images, torch.Tensor):
-        images = images.detach().to("cpu", torch.float64).numpy()
+        # Integer tensors keep their dtype: it decides the default value range below.
+        images = images.detach().cpu()
+        images = (images.to(torch.float64) if images.is_floating_point() else images).numpy()
     arr = np.asarray(images)
     if value_range is None:
         value_range = (0.0, 255.0) if np.issubdtype(arr.dtype, np.integer) else (0.0, 1.0)

@@ -134,6 +134,9 @@ def test_predict_accepts_layouts_ranges_and_sizes(built, val_rows):
     np.testing.assert_array_equal(classifier.predict(chw_signed, value_range=(-1, 1)), expected)
     uint8 = np.round(hwc * 255).astype(np.uint8)
     np.testing.assert_array_equal(classifier.predict(uint8), expected)
+    # A uint8 tensor reads as 0..255 like a uint8 array (it used to be cast to float first: 0..1).
+    np.testing.assert_array_equal(classifier.predict(torch.from_numpy(uint8).permute(0, 3, 1, 2)), expected)
+    np.testing.assert_array_equal(classifier.features(torch.from_numpy(uint8)), classifier.features(uint8))
     np.testing.assert_array_equal(classifier.predict(hwc[0]), expected[:1])
     digits = np.array([r["json"]["digit"] for r in val_rows])
     for size in (28, 64):  # 28 is not a multiple of 8: fractional area weights
