@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -320,18 +319,9 @@ def format_table(record: dict[str, Any]) -> str:
 
 def write_record(record: dict[str, Any], url: str) -> str:
     """Write ``record`` as JSON to a local path (atomically) or an fsspec URL (one PUT)."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
+    from trainer.images import put_bytes
 
-    from trainer.images import atomic_write_bytes
-
-    data = (json.dumps(record, indent=2, default=_json_default) + "\n").encode()
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        atomic_write_bytes(Path(path), data)
-    else:
-        fs.pipe_file(path, data)
-    return url
+    return put_bytes(url, (json.dumps(record, indent=2, default=_json_default) + "\n").encode())
 
 
 def _json_default(value: Any) -> Any:

@@ -43,7 +43,6 @@ from omegaconf import DictConfig
 log = logging.getLogger("eval.reconstruction")
 
 FORMAT = "ldm-platform/reconstruction"
-AUTOENCODER_FORMAT = "ldm-platform/autoencoder"  # trainer.autoencoder_trainer's safetensors metadata
 OUT_NAME = "reconstruction.json"
 FEATURES = ("inception", "digits", "none")
 RESIZE_POLICIES = ("torch_bilinear", "pil_bicubic")
@@ -245,7 +244,7 @@ def resolve_autoencoder_file(checkpoint: str) -> str:
                                     f"{AUTOENCODER_FILE}; only task=autoencoder runs write it")
         return f"{root}/{tag}/{AUTOENCODER_FILE}"
     raise FileNotFoundError(
-        f"checkpoint={checkpoint!r} is not an autoencoder checkpoint: expected an {AUTOENCODER_FILE} file, "
+        f"checkpoint={checkpoint!r} is not a checkpoint of an autoencoder: expected an {AUTOENCODER_FILE} file, "
         f"a checkpoint tag holding one, a checkpoint root holding a '{POINTER}' pointer, or a run directory "
         f"holding checkpoints/{POINTER}")
 
@@ -253,6 +252,8 @@ def resolve_autoencoder_file(checkpoint: str) -> str:
 def read_autoencoder_metadata(url: str) -> dict[str, str]:
     """The safetensors metadata of ``url``, reading only the file's header."""
     import fsspec
+
+    from trainer.autoencoder_trainer import AUTOENCODER_FORMAT
 
     fs, path = fsspec.core.url_to_fs(url)
     with fs.open(path, "rb") as f:
@@ -299,20 +300,11 @@ def load_autoencoder(url: str, cfg: Any, device: torch.device) -> torch.nn.Modul
     import fsspec
     from safetensors.torch import load as load_bytes
 
-    from trainer.models.autoencoder import AutoencoderKL
+    from trainer.models.autoencoder import AutoencoderKL, load_first_stage_state
 
     fs, path = fsspec.core.url_to_fs(url)
-    state = load_bytes(fs.cat_file(path))
     model = AutoencoderKL(cfg)
-    expected = model.state_dict()
-    problems = [f"missing {sorted(set(expected) - set(state))[:5]}" if set(expected) - set(state) else "",
-                f"unexpected {sorted(set(state) - set(expected))[:5]}" if set(state) - set(expected) else "",
-                "; ".join(f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} expected"
-                          for k, v in state.items() if k in expected and v.shape != expected[k].shape)]
-    problems = [p for p in problems if p]
-    if problems:
-        raise ValueError(f"checkpoint {url!r} does not fit its metadata config: {' | '.join(problems)}")
-    model.load_state_dict(state, strict=True)
+    load_first_stage_state(model, load_bytes(fs.cat_file(path)), cfg, f"checkpoint {url!r} (with its metadata config)")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -347,24 +339,9 @@ def shard_urls(data: str) -> list[str]:
 def iter_images(urls: list[str], resolution: int, skipped: Counter) -> Iterator[np.ndarray]:
     """(resolution, resolution, 3) uint8 images of the shards in order; samples without an image or
     with bytes PIL cannot decode, and damaged shards, are counted in ``skipped`` and logged."""
-    from data_pipeline.decode import DECODE_ERRORS
-    from data_pipeline.shards import ShardTask, read_samples
-    from data_pipeline.sources import RetryPolicy, storage_options_for
-    from eval.reference import SHARD_IMAGE_KEYS, square_rgb
+    from eval.reference import decoded_images, shard_images
 
-    tasks = [ShardTask(i, url) for i, url in enumerate(urls)]
-    for task, sample in read_samples(tasks, storage_options_for(urls[0], None, None), RetryPolicy(), skipped):
-        key = next((k for k in SHARD_IMAGE_KEYS if k in sample.parts), None)
-        if key is None:
-            skipped["no_image"] += 1
-            log.warning("skipping %s:%s: no image part (%s)", task.url, sample.key, ", ".join(SHARD_IMAGE_KEYS))
-            continue
-        try:
-            yield square_rgb(sample.parts[key], resolution)
-        except DECODE_ERRORS as e:
-            skipped["undecodable_image"] += 1
-            log.warning("skipping %s:%s.%s: not a readable image (%s: %s)", task.url, sample.key, key,
-                        type(e).__name__, e)
+    return decoded_images(shard_images(urls, None, skipped), resolution, skipped)
 
 
 def batches(images: Iterator[np.ndarray], batch_size: int, limit: int) -> Iterator[torch.Tensor]:
@@ -404,19 +381,6 @@ def _default_out(file_url: str) -> str:
 def _check_file(key: str, value: Optional[str]) -> None:
     if value is not None and not Path(value).expanduser().is_file():
         raise FileNotFoundError(f"{key}={value!r}: no such file")
-
-
-def _write(url: str, data: bytes) -> None:
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    from trainer.images import atomic_write_bytes
-
-    fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        atomic_write_bytes(path, data)
-    else:
-        fs.pipe_file(path, data)  # an object store's put is atomic
 
 
 def evaluate(cfg: ReconstructionConfig) -> dict[str, Any]:
@@ -485,7 +449,9 @@ def evaluate(cfg: ReconstructionConfig) -> dict[str, Any]:
               "lpips_backbone": lpips_record,
               "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}}
     # allow_nan=False: a NaN or inf that slipped through fails here instead of writing invalid JSON.
-    _write(out, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
+    from trainer.images import put_bytes
+
+    put_bytes(out, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
     return {**record, "out": out}
 
 

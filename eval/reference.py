@@ -97,6 +97,17 @@ def square_rgb(data: bytes, resolution: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def decoded_images(images: Iterable[tuple[str, bytes]], resolution: int, skipped: Counter) -> Iterator[np.ndarray]:
+    """(name, encoded bytes) -> ``square_rgb`` uint8 (R, R, 3) images; undecodable ones are counted
+    in ``skipped`` and logged."""
+    for name, data in images:
+        try:
+            yield square_rgb(data, resolution)
+        except DECODE_ERRORS as e:
+            skipped["undecodable_image"] += 1
+            log.warning("skipping %s: not a readable image (%s: %s)", name, type(e).__name__, e)
+
+
 def _features_of(images: Iterable[tuple[str, bytes]], extractor: Callable, *, resolution: int,
                  batch_size: int, skipped: Counter) -> RunningStats:
     running = RunningStats(int(extractor.dim))
@@ -108,13 +119,8 @@ def _features_of(images: Iterable[tuple[str, bytes]], extractor: Callable, *, re
             running.update(extractor(chw))
             batch.clear()
 
-    for name, data in images:
-        try:
-            batch.append(square_rgb(data, resolution))
-        except DECODE_ERRORS as e:
-            skipped["undecodable_image"] += 1
-            log.warning("skipping %s: not a readable image (%s: %s)", name, type(e).__name__, e)
-            continue
+    for image in decoded_images(images, resolution, skipped):
+        batch.append(image)
         if len(batch) == batch_size:
             flush()
     flush()
@@ -156,14 +162,17 @@ def _shard_listing(urls: list[str], storage_options: dict[str, Any] | None) -> l
     return listing
 
 
-def _shard_images(urls: list[str], storage_options: dict[str, Any] | None, skipped: Counter
-                  ) -> Iterator[tuple[str, bytes]]:
+def shard_images(urls: list[str], storage_options: dict[str, Any] | None, skipped: Counter
+                 ) -> Iterator[tuple[str, bytes]]:
+    """(name, image bytes) of every sample of the webdataset shards, in order; samples without an
+    image part and damaged shards are counted in ``skipped``."""
     tasks = [ShardTask(i, url) for i, url in enumerate(urls)]
     options = storage_options_for(urls[0], None, storage_options)
     for task, sample in read_samples(tasks, options, RetryPolicy(), skipped):
         key = next((k for k in SHARD_IMAGE_KEYS if k in sample.parts), None)
         if key is None:
             skipped["no_image"] += 1
+            log.warning("skipping %s:%s: no image part (%s)", task.url, sample.key, ", ".join(SHARD_IMAGE_KEYS))
             continue
         yield f"{task.url}:{sample.key}.{key}", sample.parts[key]
 
@@ -244,7 +253,7 @@ def reference_stats(source: str, extractor: Any, *, resolution: int, cache_dir: 
     else:
         urls = expand_urls(source, storage_options=storage_options)
         kind, listing = "webdataset", _shard_listing(urls, storage_options)
-        images = _shard_images(urls, storage_options, skipped)
+        images = shard_images(urls, storage_options, skipped)
     if not listing:
         raise ValueError(f"reference source {source!r} has no image files ({', '.join(IMAGE_SUFFIXES)})")
     described = extractor.describe()

@@ -25,6 +25,7 @@ from trainer.train import Trainer, trainable_parameters
 log = logging.getLogger("trainer")
 
 AUTOENCODER_FILE = "autoencoder.safetensors"
+AUTOENCODER_FORMAT = "ldm-platform/autoencoder"  # its safetensors metadata "format"
 DISCRIMINATOR_TAG = "discriminator"
 NUM_GRID = 8  # input | reconstruction pairs in the logged grid
 
@@ -136,8 +137,10 @@ class AutoencoderTrainer(Trainer):
     def step_scalars(self, out: dict[str, Any]) -> dict[str, float]:
         from trainer.autoencoder_loss import logs_to_floats
 
-        terms = logs_to_floats({k: distributed.all_reduce_mean(v.reshape(1).to(self.device))[0]
-                                for k, v in out["terms"].items()})
+        names = list(out["terms"])
+        # One all-reduce for every term (a logging step only).
+        means = distributed.all_reduce_mean(torch.stack([out["terms"][k].reshape(()) for k in names]).to(self.device))
+        terms = logs_to_floats(dict(zip(names, means)))
         scalars = {f"loss/{k}": v for k, v in terms.items()}
         scalars["loss"] = terms["total"]
         if self.loss.disc_active(self.step - 1):
@@ -169,7 +172,7 @@ class AutoencoderTrainer(Trainer):
         state = full_state_dict(self.engine, self.cfg.deepspeed.zero_stage)
         weights = {k[len("autoencoder."):]: v.float().cpu() for k, v in state.items() if k.startswith("autoencoder.")}
         ae_cfg = self.cfg.model.autoencoder
-        meta = {"format": "ldm-platform/autoencoder", "step": str(self.step),
+        meta = {"format": AUTOENCODER_FORMAT, "step": str(self.step),
                 "scale_factor": repr(scale if scale is not None else ae_cfg.scale_factor),
                 "shift_factor": repr(ae_cfg.shift_factor),
                 "config": json.dumps(self.config_dict["model"]["autoencoder"], sort_keys=True)}
@@ -225,21 +228,16 @@ class AutoencoderTrainer(Trainer):
 
 def autoencoder_overrides(checkpoint: str) -> list[str]:
     """The ``model.autoencoder`` overrides that make a diffusion job (or a latent-cache precompute)
-    use the autoencoder of ``checkpoint`` (run dir, checkpoint root or root/tag; local)."""
+    use the autoencoder of ``checkpoint`` (the file, a tag, a checkpoint root or a run dir; local:
+    model.autoencoder.checkpoint_path is read from disk)."""
     from pathlib import Path
 
-    from safetensors import safe_open
+    from eval.reconstruction import read_autoencoder_metadata, resolve_autoencoder_file
 
-    from trainer.inference import resolve_checkpoint
-
-    point = resolve_checkpoint(checkpoint, files=(AUTOENCODER_FILE,))
-    path = (Path(point.local_dir) / point.tag / AUTOENCODER_FILE).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={checkpoint!r}: {point.tag} has no {AUTOENCODER_FILE} "
-                                f"(not a task=autoencoder run?)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return [f"model.autoencoder.checkpoint_path={path}", f"model.autoencoder.scale_factor={float(meta['scale_factor'])!r}"]
+    url = resolve_autoencoder_file(checkpoint)
+    meta = read_autoencoder_metadata(url)
+    return [f"model.autoencoder.checkpoint_path={Path(url).resolve()}",
+            f"model.autoencoder.scale_factor={float(meta['scale_factor'])!r}"]
 
 
 def main(argv: list[str]) -> None:

@@ -87,6 +87,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def put_bytes(url: str, data: bytes) -> str:
+    """Write ``data`` to a local path (``atomic_write_bytes``) or an fsspec URL (one PUT, which object
+    stores make visible whole). Returns ``url``."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        atomic_write_bytes(path, data)
+    else:
+        fs.pipe_file(path, data)
+    return url
+
+
 def save_png(array_hwc_uint8: np.ndarray, path: str | os.PathLike) -> Path:
     """Save a uint8 (H, W, 3) array as PNG, atomically; parent directories are created."""
     array = np.asarray(array_hwc_uint8)

@@ -535,19 +535,25 @@ def extract_vae_state_dict(obj: dict, cfg: AutoencoderConfig) -> tuple[dict[str,
 
 def load_first_stage_weights(model: AutoencoderKL, path: str | Path, cfg: AutoencoderConfig) -> None:
     """Load a checkpoint into ``model``; every parameter must be present with the configured shape."""
-    sd, not_tensors = extract_vae_state_dict(read_state_dict(path), cfg)
+    load_first_stage_state(model, read_state_dict(path), cfg, f"{CHECKPOINT_KEY}={str(path)!r}")
+    _check_stored_scale(Path(path), cfg)
+
+
+def load_first_stage_state(model: AutoencoderKL, state: dict, cfg: AutoencoderConfig, source: str) -> None:
+    """Load a read checkpoint (ours, CompVis or diffusers names) into ``model``, strictly: every
+    tensor present with the configured shape. ``source`` names it in the errors."""
+    sd, not_tensors = extract_vae_state_dict(state, cfg)
     expected = model.state_dict()
     mismatched = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
                         for k, v in sd.items() if k in expected and v.shape != expected[k].shape)
     if mismatched:
-        raise ValueError(f"{CHECKPOINT_KEY}={str(path)!r} does not fit the model.autoencoder settings "
+        raise ValueError(f"{source} does not fit the model.autoencoder settings "
                          f"(ch, ch_mult, z_channels, embed_dim, ...); {len(mismatched)} tensors differ "
                          f"in shape: " + "; ".join(mismatched[:10]))
     report = ConversionReport(missing=sorted(set(expected) - set(sd)),
                               unexpected=sorted(set(sd) - set(expected)) + not_tensors)
-    report.raise_if_incomplete(f"{CHECKPOINT_KEY}={str(path)!r}")
+    report.raise_if_incomplete(source)
     model.load_state_dict(sd, strict=True)
-    _check_stored_scale(Path(path), cfg)
 
 
 def _check_stored_scale(path: Path, cfg: AutoencoderConfig) -> None:
