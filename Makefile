@@ -39,7 +39,7 @@ run: install
 	$(PY) -m trainer.train experiment=demo_autoencoder run_dir=$(DEMO_AE_RUN) $(AE_ARGS)
 	$(PY) -m eval.reconstruction checkpoint=$(DEMO_AE_RUN) data=$(DEMO_DIGITS)/val-000000.tar features=digits \
 	    digit_classifier=$(DEMO_DIGITS)/digit_classifier.json lpips_random_backbone=true overwrite=true
-	ae="$$($(PY) -m trainer.autoencoder_trainer $(DEMO_AE_RUN))" && \
+	ae="$$($(PY) -m trainer.autoencoder_overrides $(DEMO_AE_RUN))" && \
 	$(PY) -m data_pipeline.precompute experiment=demo_latent $$ae precompute.out=$(DEMO_CACHE) && \
 	$(PY) -m trainer.train experiment=demo_latent $$ae data.latent_cache=$(DEMO_CACHE) $(ARGS)
 

@@ -70,7 +70,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.config import DeepSpeedConfig, OptimConfig  # noqa: E402
+from trainer.runtime.engine import DeepSpeedConfig, OptimConfig  # noqa: E402
 from trainer.models.unet import UNetConfig, UNetModel  # noqa: E402
 from trainer.zero_memory import STAGES, zero_model_state_bytes  # noqa: E402
 
@@ -248,10 +248,10 @@ def _fresh_module(preset: str) -> EpsLoss:
 
 def build_engine(cfg: BenchConfig, stage: int, precision: str):
     """(engine, module, note). bf16 stage 0 falls back to DeepSpeed's default bf16 gradient dtype when
-    ``trainer.engine.initialize`` is refused, and says so in ``note``."""
+    ``trainer.runtime.engine.initialize`` is refused, and says so in ``note``."""
     import deepspeed
 
-    from trainer.engine import build_optimizer, deepspeed_config, initialize, parameter_groups
+    from trainer.runtime.engine import build_optimizer, deepspeed_config, initialize, parameter_groups
 
     ds = DeepSpeedConfig(zero_stage=stage, precision=precision)
     optim = OptimConfig(lr=1e-4)
@@ -274,7 +274,7 @@ def build_engine(cfg: BenchConfig, stage: int, precision: str):
     optimizer = build_optimizer(parameter_groups({"model": module}, optim.weight_decay), optim, device)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
                                            dist_init_required=False)
-    return engine, module, (f"trainer.engine.initialize refused bf16 stage 0 ({reason}); measured stage 0 "
+    return engine, module, (f"trainer.runtime.engine.initialize refused bf16 stage 0 ({reason}); measured stage 0 "
                             f"without data_types instead: {type(engine.optimizer).__name__}, bf16 grads")
 
 
@@ -397,7 +397,7 @@ def worker(cfg: BenchConfig, out: str | None) -> None:
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    from trainer.distributed import destroy_process_group, detect_env, init_process_group
+    from trainer.runtime.distributed import destroy_process_group, detect_env, init_process_group
 
     ds_logger.setLevel(logging.WARNING)
     env = detect_env()

@@ -22,9 +22,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from data_pipeline.writer import ShardWriter
@@ -142,11 +143,7 @@ def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _as_channels_last(images: Any, value_range: tuple[float, float] | None) -> np.ndarray:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        torch = None
-    if torch is not None and isinstance(images, torch.Tensor):
+    if isinstance(images, torch.Tensor):
         # Integer tensors keep their dtype: it decides the default value range below.
         images = images.detach().cpu()
         images = (images.to(torch.float64) if images.is_floating_point() else images).numpy()
@@ -226,6 +223,7 @@ class DigitClassifier:
     def fit(cls, digits: np.ndarray, labels: np.ndarray, *, seed: int, hidden: int = 64,
             alpha: float = 0.1) -> DigitClassifier:
         """Fit on (N, 8, 8) digits in 0..16 (stretched like ``to_classifier_input``)."""
+        # Imported here: scikit-learn takes seconds to import and only the demo's dataset build needs it.
         from sklearn.neural_network import MLPClassifier
         from threadpoolctl import threadpool_limits
 
@@ -321,7 +319,7 @@ def build_digits_shards(out_dir: str | os.PathLike, *, image_size: int = 32,
     """
     cfg = DemoDigitsConfig(image_size=image_size, samples_per_shard=samples_per_shard, seed=seed,
                            val_fraction=val_fraction)
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # (heavy; only this build needs it)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -417,3 +415,19 @@ def read_digits_manifest(out_dir: str | os.PathLike) -> DigitsDatasetInfo:
         classifier_accuracy_val_digits=manifest["classifier"]["accuracy_val_digits"],
         classifier_accuracy_val_rendered=manifest["classifier"]["accuracy_val_rendered"],
         manifest_path=path)
+
+
+def ensure_digits(root: str | os.PathLike, *, image_size: int, seed: int, rank: int = 0,
+                  barrier: Callable[[], None] = lambda: None) -> DigitsDatasetInfo:
+    """The digits dataset in ``root``, built by rank 0 when missing or built with another size or
+    seed; the other ranks wait at ``barrier`` (the job's, when it has several processes)."""
+    if rank == 0:
+        try:
+            info = read_digits_manifest(root)
+            if info.image_size != image_size or info.seed != seed:
+                raise FileNotFoundError(root)
+        except (FileNotFoundError, ValueError):
+            log.info("building the digits dataset in %s", root)
+            build_digits_shards(root, image_size=image_size, seed=seed)
+    barrier()
+    return read_digits_manifest(root)

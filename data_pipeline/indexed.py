@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_pipeline.decode import BadSample, Transform, decode_sample
+from data_pipeline.decode import BadSample, Transform, caption_of, decode_sample, metadata_of
+from data_pipeline.latents import decode_sample_parts
 from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import RetryPolicy, expand_urls
 
@@ -36,9 +37,6 @@ class Samples:
 def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_options: dict | None = None) -> Samples:
     """Every sample of a latent cache's shards in memory, in shard order (a mean-only or
     deterministic posterior: the mode is what in-memory training uses)."""
-    from data_pipeline.decode import caption_of, metadata_of
-    from data_pipeline.latents import decode_sample_parts
-
     means, captions, keys = [], [], []
     skipped: Counter = Counter()
     tasks = [ShardTask(shard, url) for shard, url in enumerate(urls)]

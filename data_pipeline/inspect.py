@@ -27,6 +27,7 @@ from data_pipeline.decode import BadSample, Transform, caption_of, decode_sample
 from data_pipeline.position import SKIP_REASONS
 from data_pipeline.shards import RawSample, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_unique, expand_urls, filesystem, storage_options_for
+from trainer.images import atomic_write_bytes
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # as data_pipeline.decode.Transform and conf/data/webdataset.yaml
 # --decode decodes at full (or JPEG draft) resolution and then resizes to cover this square; small
@@ -314,8 +315,6 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: str, report: dict[str, Any]) -> None:
-    from trainer.images import atomic_write_bytes
-
     atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
 
 

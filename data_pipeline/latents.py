@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
 
+import fsspec
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
@@ -63,6 +64,18 @@ class CacheSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def cache_spec(first_stage: torch.nn.Module, autoencoder: Any, *, image_size: int, crop: str,
+               buckets: Sequence[Sequence[int]], store: str, dtype: str) -> CacheSpec:
+    """The spec of a cache of ``first_stage`` (built from the config dataclass ``autoencoder``) at
+    ``image_size`` with this crop policy and these aspect buckets: what a precompute writes into the
+    manifest and what training from the cache expects. The checkpoint path is not part of it (the
+    weights' checksum is)."""
+    return CacheSpec(autoencoder_sha256=module_checksum(first_stage),
+                     autoencoder={k: v for k, v in asdict(autoencoder).items() if k != "checkpoint_path"},
+                     scale_factor=autoencoder.scale_factor, shift_factor=autoencoder.shift_factor,
+                     image_size=image_size, crop=crop, buckets=[list(b) for b in buckets], store=store, dtype=dtype)
 
 
 def check_manifest(manifest: dict[str, Any], expected: CacheSpec, where: str) -> None:
@@ -113,8 +126,6 @@ def decode_sample_parts(parts: dict[str, bytes]) -> tuple[torch.Tensor, Optional
 
 def cache_shard_urls(cache: str, storage_options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """(manifest, shard URLs) of a complete cache; a missing manifest is a clear error."""
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(cache, **storage_options)
     manifest = read_json(fs, f"{root.rstrip('/')}/{MANIFEST}")
     if manifest is None:

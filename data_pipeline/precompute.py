@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
-from dataclasses import asdict
 import os
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,12 +31,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from data_pipeline.batches import digits_dataset
+from data_pipeline.config import DataConfig, PrecomputeConfig
 from data_pipeline.decode import BadSample, Transform, decode_sample, metadata_of
-from data_pipeline.latents import FORMAT_VERSION, MANIFEST, CacheSpec, encode_sample_parts, module_checksum, read_json
+from data_pipeline.latents import FORMAT_VERSION, MANIFEST, cache_spec, encode_sample_parts, read_json
 from data_pipeline.shards import ShardTask, read_samples
-from data_pipeline.stream import buckets_of, options_of
+from data_pipeline.sources import expand_urls
+from data_pipeline.stream import buckets_of, options_of, spec_from_config
 from data_pipeline.writer import ShardWriter
-from trainer import config as _train_config  # noqa: F401 - registers the train_schema of conf/train.yaml
+from trainer.cli import run_cli
+from trainer.config import TrainConfig  # registers the train_schema of conf/train.yaml
+from trainer.interchange import build_networks
+from trainer.runtime.device import select_device
+from trainer.runtime.distributed import detect_env
 
 log = logging.getLogger("data_pipeline.precompute")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -47,34 +54,15 @@ def worker_slot(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     if "SLURM_ARRAY_TASK_ID" in environ:
         first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
         return int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"])
-    from trainer.distributed import detect_env
-
     env = detect_env(environ)
     return env.rank, env.world_size
 
 
-def cache_spec(cfg, first_stage: torch.nn.Module) -> CacheSpec:
-    """What this job's cache is made with (the manifest's ``spec``; training compares it)."""
-    ae = cfg.model.autoencoder
-    buckets = buckets_of(cfg.data)
-    return CacheSpec(autoencoder_sha256=module_checksum(first_stage), autoencoder={k: v for k, v in asdict(ae).items()
-                                                                                     if k != "checkpoint_path"},
-                     scale_factor=ae.scale_factor, shift_factor=ae.shift_factor, image_size=cfg.data.image_size,
-                     crop=cfg.data.crop, buckets=[list(b) for b in buckets], store=cfg.precompute.store,
-                     dtype=cfg.precompute.dtype)
-
-
-def source_urls(cfg) -> list[str]:
-    """The raw shards of the experiment (the digits demo is built first when needed)."""
-    if cfg.data.kind == "digits":
-        from data_pipeline.sources import expand_urls
-        from trainer.distributed import detect_env
-        from trainer.train import ensure_digits
-
-        return expand_urls([ensure_digits(cfg, detect_env()).train_url])
-    from data_pipeline.stream import spec_from_config
-
-    spec = spec_from_config(cfg.data, 1)
+def source_urls(data: DataConfig, rank: int) -> list[str]:
+    """The raw shards of ``data`` (the digits demo is built first when needed)."""
+    if data.kind == "digits":
+        return expand_urls([digits_dataset(data, rank).train_url])
+    spec = spec_from_config(data, 1)
     if len(spec.sources) != 1:
         raise ValueError(f"precompute one data source at a time; data.sources has {len(spec.sources)}")
     return list(spec.sources[0].urls)
@@ -88,10 +76,10 @@ def _names(urls: list[str]) -> list[str]:
     return names
 
 
-def encode_shard(index: int, url: str, out_url: str, cfg, first_stage: torch.nn.Module, device: torch.device,
-                 storage_options: dict[str, Any]) -> dict[str, Any]:
-    """Encode one source shard into ``out_url``; returns its sidecar record."""
-    data, pre = cfg.data, cfg.precompute
+def encode_shard(index: int, url: str, out_url: str, data: DataConfig, pre: PrecomputeConfig,
+                 first_stage: torch.nn.Module, device: torch.device, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Encode one source shard into ``out_url`` with the decoding of ``data`` and the storage of
+    ``pre``; returns its sidecar record."""
     transform = Transform(crop=data.crop, flip_prob=0.0, max_pixels=data.max_pixels, draft=data.draft)
     buckets = buckets_of(data)
     skipped: Counter = Counter()
@@ -150,22 +138,20 @@ def _write_json(fs, path: str, obj: dict[str, Any]) -> None:
         fs.rm_file(tmp)
 
 
-def run_precompute(cfg) -> dict[str, Any] | None:
+def run_precompute(cfg: TrainConfig) -> dict[str, Any] | None:
     """This worker's share of the cache; returns the manifest when this worker completed it."""
-    from trainer.inference import build_model
-
     pre = cfg.precompute
     if not pre.out:
         raise ValueError("precompute.out is not set: give the cache folder or URL (precompute.out=<...>)")
     index, count = worker_slot()
-    urls = source_urls(cfg)
+    urls = source_urls(cfg.data, detect_env().rank)
     names = _names(urls)
     fs, root = fsspec.core.url_to_fs(pre.out, **options_of(cfg.data, pre.out))
     fs.makedirs(root, exist_ok=True)
-    use_cuda = pre.device == "cuda" or (pre.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    first_stage = build_model(cfg).first_stage.to(device).eval()
-    spec = cache_spec(cfg, first_stage)
+    device = select_device(pre.device, "precompute.device", local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    first_stage = build_networks(cfg.model, cfg.train.seed).first_stage.to(device).eval()
+    spec = cache_spec(first_stage, cfg.model.autoencoder, image_size=cfg.data.image_size, crop=cfg.data.crop,
+                      buckets=buckets_of(cfg.data), store=pre.store, dtype=pre.dtype)
     mine = [i for i in range(len(urls)) if i % count == index]
     todo = [i for i in mine if read_json(fs, f"{root}/{names[i]}.json") is None or not fs.exists(f"{root}/{names[i]}")]
     log.info("worker %d/%d: %d of its %d shards to encode (of %d) into %s", index, count, len(todo), len(mine),
@@ -174,7 +160,7 @@ def run_precompute(cfg) -> dict[str, Any] | None:
     for n, i in enumerate(todo):
         for stale in fs.glob(f"{root}/{names[i]}.tmp-*"):  # a killed run's partial output
             fs.rm_file(stale)
-        record = encode_shard(i, urls[i], f"{pre.out.rstrip('/')}/{names[i]}", cfg, first_stage, device,
+        record = encode_shard(i, urls[i], f"{pre.out.rstrip('/')}/{names[i]}", cfg.data, pre, first_stage, device,
                               options_of(cfg.data, urls[i]))
         _write_json(fs, f"{root}/{names[i]}.json", record)  # the shard counts as done from here
         done_samples += record["samples"]
@@ -191,8 +177,6 @@ def run_precompute(cfg) -> dict[str, Any] | None:
         log.info("worker %d/%d done; %d shards are still being encoded by other workers", index, count,
                  sum(r is None for r in records))
         return None
-    from importlib.metadata import version
-
     if not sum(r["samples"] for r in records):
         raise ValueError(f"no usable sample in the {len(urls)} source shards (e.g. {urls[0]}); see the log above")
     skipped: Counter = Counter()
@@ -210,8 +194,6 @@ def run_precompute(cfg) -> dict[str, Any] | None:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def main(dict_cfg: DictConfig) -> None:
-    from trainer.inference import run_cli
-
     run_cli(run_precompute, dict_cfg)
 
 

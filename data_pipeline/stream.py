@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
-from data_pipeline.latents import decode_sample_parts
+from data_pipeline.latents import cache_shard_urls, decode_sample_parts
 from data_pipeline.position import Progress, SourceInfo, SKIP_REASONS
 from data_pipeline.shards import ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
+from trainer.runtime import distributed
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +302,6 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
     extra = dict(data.storage_options or {})
     raw_sources = list(data.sources) or [{"name": "default", "urls": list(data.urls), "weight": 1.0}]
     if data.latent_cache:
-        from data_pipeline.latents import cache_shard_urls
-
         raw_sources = [{"name": "latents", "urls": cache_shard_urls(data.latent_cache,
                                                                      options_of(data, data.latent_cache))[1], "weight": 1.0}]
     sources, weights = [], []
@@ -379,14 +378,10 @@ class StreamingBatches:
 
     def state_dict(self, samples_seen: int | None = None) -> dict[str, Any]:
         """The job-wide position (collective: every rank must call it)."""
-        from trainer import distributed
-
         return Progress.merged(distributed.all_gather_object(self.progress.to_state()), self.spec.sources)
 
     def skip_counts(self, device: torch.device | str = "cpu") -> dict[str, int]:
         """Job-wide skip counts by reason, this run included (collective)."""
-        from trainer import distributed
-
         mine = self.progress.skipped
         local = torch.tensor([float(mine.get(r, 0)) for r in SKIP_REASONS], dtype=torch.float64)
         total = distributed.all_reduce_sum(local, device)

@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import open_clip
 import torch
 from PIL import Image
 
@@ -32,6 +31,9 @@ class ClipScorer:
 
     def __init__(self, model_name: str, weights_path: str | os.PathLike, *,
                  device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+        # Imported here: open_clip takes seconds to import and only a CLIP score needs it.
+        import open_clip
+
         available = open_clip.list_models()
         if model_name not in available:
             near = difflib.get_close_matches(model_name, available, n=8, cutoff=0.5) or available[:8]
@@ -67,6 +69,7 @@ class ClipScorer:
         self.name = f"open_clip:{model_name}"
         self.dim = int(open_clip.get_model_config(model_name)["embed_dim"])
         self.transform = transform  # open_clip's eval transform (preprocess_val), on PIL images
+        self.implementation = f"open_clip_torch=={open_clip.__version__}"
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> normalised float (B, 3, S, S) with open_clip's own eval transform
@@ -105,7 +108,7 @@ class ClipScorer:
 
     def describe(self) -> dict[str, Any]:
         cfg = self.preprocess_cfg
-        return {"name": self.name, "dim": self.dim, "implementation": f"open_clip_torch=={open_clip.__version__}",
+        return {"name": self.name, "dim": self.dim, "implementation": self.implementation,
                 "weights_file": self.weights_path.name, "weights_sha256": self.weights_sha256,
                 "preprocess": {key: list(value) if isinstance(value, tuple) else value
                                for key, value in sorted(cfg.items())},

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from trainer.checks import check_int, invalid
 from trainer.sampling.samplers import SAMPLERS
 
 # none: only a sample grid of ``prompts``; digits: the embedded demo (one prompt per digit, scored by
@@ -19,15 +20,6 @@ from trainer.sampling.samplers import SAMPLERS
 EVAL_KINDS = ("none", "digits", "text2img")
 FEATURES = ("auto", "inception", "digits")
 RESIZE_POLICIES = ("torch_bilinear", "pil_bicubic")
-
-
-def _bad(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"eval.{key}={value!r} is invalid; allowed: {allowed}")
-
-
-def _check_int(key: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad(key, value, f"an int >= {minimum}")
 
 
 @dataclass
@@ -77,32 +69,32 @@ class EvalConfig:
         self.prompts = list(self.prompts)
         self.guidance_scales = [float(g) for g in self.guidance_scales]
         if self.kind not in EVAL_KINDS:
-            raise _bad("kind", self.kind, f"one of {EVAL_KINDS}")
+            raise invalid("eval.kind", self.kind, f"one of {EVAL_KINDS}")
         for key, minimum in (("interval_steps", 0), ("samples_per_prompt", 1), ("num_samples", 0),
                              ("caption_seed", 0), ("num_steps", 1), ("resolution", 0), ("kid_subset_size", 2),
                              ("num_grid", 0), ("seed", 0), ("batch_size", 1)):
-            _check_int(key, getattr(self, key), minimum)
+            check_int(f"eval.{key}", getattr(self, key), minimum)
         if self.sampler not in SAMPLERS:
-            raise _bad("sampler", self.sampler, f"one of {sorted(SAMPLERS)}")
+            raise invalid("eval.sampler", self.sampler, f"one of {sorted(SAMPLERS)}")
         if not self.guidance_scales or not all(g >= 1.0 for g in self.guidance_scales):
-            raise _bad("guidance_scales", self.guidance_scales, "a non-empty list of floats >= 1 (1 = no guidance)")
+            raise invalid("eval.guidance_scales", self.guidance_scales, "a non-empty list of floats >= 1 (1 = no guidance)")
         if self.features not in FEATURES:
-            raise _bad("features", self.features, f"one of {FEATURES}")
+            raise invalid("eval.features", self.features, f"one of {FEATURES}")
         if self.resize not in RESIZE_POLICIES:
-            raise _bad("resize", self.resize, f"one of {RESIZE_POLICIES}")
+            raise invalid("eval.resize", self.resize, f"one of {RESIZE_POLICIES}")
         if self.kind == "text2img":
             if not self.captions_file and not self.prompts:
-                raise _bad("captions_file", self.captions_file,
+                raise invalid("eval.captions_file", self.captions_file,
                            "a COCO captions JSON or a text file of captions (or eval.prompts) for kind=text2img")
             if self.num_samples < 1:
-                raise _bad("num_samples", self.num_samples, "an int >= 1 for kind=text2img (e.g. 30000, 10000, 500)")
+                raise invalid("eval.num_samples", self.num_samples, "an int >= 1 for kind=text2img (e.g. 30000, 10000, 500)")
             if self.feature_kind == "inception" and not self.inception_weights:
-                raise _bad("inception_weights", self.inception_weights,
+                raise invalid("eval.inception_weights", self.inception_weights,
                            "the local path of pt_inception-2015-12-05-6726825d.pth (FID's Inception-v3 weights, "
                            "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                            "weights-inception-2015-12-05-6726825d.pth)")
             if not self.reference:
-                raise _bad("reference", self.reference,
+                raise invalid("eval.reference", self.reference,
                            "reference images for FID: a directory, webdataset shards or a .npz of mu/sigma")
 
     @property

@@ -27,6 +27,8 @@ import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from PIL import Image
 
+from data_pipeline.demo_digits import DigitClassifier
+
 log = logging.getLogger(__name__)
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -224,7 +226,6 @@ class DigitFeatures:
     """The demo digit classifier's hidden ReLU activations of uint8 images (B, 3, H, W)."""
 
     def __init__(self, classifier_path: str | os.PathLike) -> None:
-        from data_pipeline.demo_digits import DigitClassifier
 
         self.classifier_path = Path(classifier_path)
         self.classifier = DigitClassifier.load(self.classifier_path)

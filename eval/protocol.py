@@ -3,7 +3,7 @@
 The three steps are separate (STYLE 4): ``generate_and_score`` draws this rank's share of the
 samples and turns each batch into features / CLIP scores / digit predictions at once (images are
 never gathered, only what is computed from them and the few shown in the grid), ``gather`` (given by
-the caller: ``trainer.distributed.all_gather_object`` or the identity) brings the shares to every
+the caller: ``trainer.runtime.distributed.all_gather_object`` or the identity) brings the shares to every
 rank, and ``compute_metrics`` is a pure function of the gathered arrays.
 
 Rank invariance: sample ``i`` uses prompt ``i`` and seed ``seed + i``; the protocol is cut into
@@ -21,10 +21,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import fsspec
 import numpy as np
 import torch
 
+from data_pipeline.demo_digits import DIGIT_NAMES, PALETTE, DigitClassifier, caption_for
+from eval.clip_score import ClipScorer
 from eval.config import EvalConfig
+from eval.features import build_feature_extractor
+from eval.metrics import feature_stats, frechet_distance
+from eval.metrics import kid as kid_fn
+from eval.reference import reference_stats
+from trainer.images import put_bytes, to_uint8
+from trainer.sampling.pipeline import text_to_image
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +58,6 @@ def read_captions(path: str, *, num_samples: int, seed: int) -> list[str]:
     (FID-30k on COCO-2014 val draws 30,000 of its 40,504 images). A text file: one caption per line,
     ``num_samples`` distinct lines. The same file and seed give the same list on every machine.
     """
-    import fsspec
 
     with fsspec.open(path, "rb") as f:
         raw = f.read()
@@ -80,7 +88,6 @@ def read_captions(path: str, *, num_samples: int, seed: int) -> list[str]:
 
 def digit_prompts(samples_per_prompt: int) -> tuple[list[str], list[int]]:
     """The demo's prompts: each digit ``samples_per_prompt`` times, in the palette's colours."""
-    from data_pipeline.demo_digits import DIGIT_NAMES, PALETTE, caption_for
 
     colors = list(PALETTE)
     prompts, labels = [], []
@@ -127,21 +134,15 @@ def build_scorers(cfg: EvalConfig, *, digit_classifier_path: Optional[str], devi
     a missing file fails here, naming it, before any sample is drawn)."""
     if cfg.kind == "none":
         return Scorers()
-    from eval.features import build_feature_extractor
-
     if cfg.feature_kind == "digits" and not digit_classifier_path:
         raise ValueError("eval.features='digits' needs the digits dataset's classifier (data.kind='digits')")
     extractor = build_feature_extractor(cfg.feature_kind, inception_weights=cfg.inception_weights,
                                         digit_classifier=digit_classifier_path, resize=cfg.resize, device=device)
     clip = None
     if cfg.clip_weights:
-        from eval.clip_score import ClipScorer
-
         clip = ClipScorer(cfg.clip_model, cfg.clip_weights, device=device)
     classifier = None
     if cfg.kind == "digits":
-        from data_pipeline.demo_digits import DigitClassifier
-
         classifier = DigitClassifier.load(digit_classifier_path)
     return Scorers(extractor=extractor, clip=clip, classifier=classifier)
 
@@ -149,7 +150,6 @@ def build_scorers(cfg: EvalConfig, *, digit_classifier_path: Optional[str], devi
 def load_reference(cfg: EvalConfig, extractor, *, resolution: int, default: Optional[str] = None,
                    storage_options: Optional[dict] = None):
     """Reference statistics for FID (computed once per source/extractor/resolution, then cached)."""
-    from eval.reference import reference_stats
 
     source = cfg.reference or default
     if extractor is None or not source:
@@ -165,8 +165,6 @@ def sampler_fn(unet, encode: Callable[[list[str]], torch.Tensor], first_stage, s
                latent_shape: tuple[int, int, int], sampler: str, num_steps: int,
                device: torch.device | str) -> GenerateFn:
     """``(prompts, seeds, guidance) -> uint8 (B, 3, H, W)`` around ``text_to_image`` (one batch per call)."""
-    from trainer.images import to_uint8
-    from trainer.sampling.pipeline import text_to_image
 
     def generate(prompts: list[str], seeds: list[int], guidance_scale: float) -> torch.Tensor:
         images = text_to_image(unet, encode, first_stage, prompts, seeds, schedule=schedule,
@@ -231,14 +229,12 @@ def compute_metrics(outputs: dict[str, Any], *, reference_stats=None, reference_
     """Pure: the gathered arrays of one guidance scale -> FID against ``reference_stats`` (a
     ``FeatureStats``), KID against ``reference_features`` (KID needs features, not statistics),
     the mean CLIP score, the digit accuracy."""
-    from eval.metrics import feature_stats, frechet_distance
 
     metrics: dict[str, float] = {}
     features = outputs.get("features")
     if features is not None and reference_stats is not None:
         metrics["fid"] = float(frechet_distance(feature_stats(features), reference_stats))
     if features is not None and kid and reference_features is not None:
-        from eval.metrics import kid as kid_fn
 
         size = min(kid_subset_size, len(features), len(reference_features))
         metrics["kid"], metrics["kid_std"] = kid_fn(features, reference_features, subset_size=size, seed=seed)
@@ -319,7 +315,6 @@ def format_table(record: dict[str, Any]) -> str:
 
 def write_record(record: dict[str, Any], url: str) -> str:
     """Write ``record`` as JSON to a local path (atomically) or an fsspec URL (one PUT)."""
-    from trainer.images import put_bytes
 
     return put_bytes(url, (json.dumps(record, indent=2, default=_json_default) + "\n").encode())
 

@@ -28,17 +28,32 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import fsspec
 import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
+from safetensors.torch import load as load_bytes
+
+from data_pipeline.sources import RetryPolicy, check_readable, expand_urls, protocol_of, storage_options_for
+from eval.features import build_feature_extractor, sha256_file
+from eval.image_metrics import psnr, ssim
+from eval.metrics import frechet_distance
+from eval.reference import RunningStats, decoded_images, shard_images
+from trainer.autoencoder_loss import build_lpips
+from trainer.checks import invalid
+from trainer.cli import run_cli
+from trainer.convert.first_stage import load_first_stage_state
+from trainer.images import put_bytes, to_uint8
+from trainer.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from trainer.runtime.checkpoint import read_autoencoder_metadata, resolve_autoencoder_file
+from trainer.runtime.device import check_device, select_device
 
 log = logging.getLogger("eval.reconstruction")
 
@@ -48,12 +63,6 @@ FEATURES = ("inception", "digits", "none")
 RESIZE_POLICIES = ("torch_bilinear", "pil_bicubic")
 LPIPS_RANDOM_SEED = 0  # torch seed of lpips_random_backbone's VGG16, so that its numbers repeat
 MIN_SSIM_SIZE = 11  # eval.image_metrics.ssim's Gaussian window (11 taps)
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def _bad(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
 @dataclass
@@ -79,33 +88,32 @@ class ReconstructionConfig:
         for key in ("checkpoint", "data"):
             value = getattr(self, key)
             if not isinstance(value, str) or value in ("", "???"):
-                raise _bad(key, value, "a path or URL (required)")
+                raise invalid(key, value, "a path or URL (required)")
         for key, minimum, note in (("num_images", 0, " (0 = all)"), ("batch_size", 1, ""),
                                    ("resolution", 0, " (0 = the autoencoder's resolution)")):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise _bad(key, value, f"an int >= {minimum}{note}")
+                raise invalid(key, value, f"an int >= {minimum}{note}")
         if self.features not in FEATURES:
-            raise _bad("features", self.features, ", ".join(FEATURES))
+            raise invalid("features", self.features, ", ".join(FEATURES))
         if self.features == "inception" and not self.inception_weights:
-            raise _bad("inception_weights", self.inception_weights,
+            raise invalid("inception_weights", self.inception_weights,
                        "the path of pt_inception-2015-12-05-6726825d.pth when features=inception "
                        "(or features=digits|none)")
         if self.features == "digits" and not self.digit_classifier:
-            raise _bad("digit_classifier", self.digit_classifier,
+            raise invalid("digit_classifier", self.digit_classifier,
                        "the path of the digits demo's digit_classifier.json when features=digits")
         if self.features != "none" and self.num_images == 1:
-            raise _bad("num_images", self.num_images, f"0 or >= 2 with features={self.features} (rFID needs "
+            raise invalid("num_images", self.num_images, f"0 or >= 2 with features={self.features} (rFID needs "
                        "a covariance), or features=none")
         if self.resize not in RESIZE_POLICIES:
-            raise _bad("resize", self.resize, ", ".join(RESIZE_POLICIES))
+            raise invalid("resize", self.resize, ", ".join(RESIZE_POLICIES))
         if self.lpips_backbone is not None and self.lpips_random_backbone:
             raise ValueError(f"lpips_backbone={self.lpips_backbone!r} and lpips_random_backbone=true: "
                              "expected at most one of them")
         if self.lpips_backbone == "":
-            raise _bad("lpips_backbone", self.lpips_backbone, "null or the path of vgg16-397923af.pth")
-        if not _DEVICE_RE.fullmatch(str(self.device)):
-            raise _bad("device", self.device, "auto, cpu, cuda or cuda:N")
+            raise invalid("lpips_backbone", self.lpips_backbone, "null or the path of vgg16-397923af.pth")
+        check_device("device", self.device)
 
 
 ConfigStore.instance().store(name="reconstruction_schema", node=ReconstructionConfig)
@@ -140,8 +148,6 @@ def reconstruction_metrics(inputs: torch.Tensor, recons: torch.Tensor, *, lpips:
     255; PSNR is +inf where the images are identical), ``lpips`` (B,) float64 or None, and
     ``features_inputs`` / ``features_recons`` (B, D) float64 arrays of ``extractor`` or None.
     """
-    from eval.image_metrics import psnr, ssim
-
     _check_pair(inputs, recons)
     inputs, recons = inputs.cpu(), recons.cpu()
     parts: dict[str, Any] = {"psnr": psnr(inputs, recons), "ssim": ssim(inputs, recons),
@@ -170,8 +176,6 @@ class MetricTotals:
         self.stats_recons: Any = None
 
     def update(self, parts: dict[str, Any]) -> None:
-        from eval.reference import RunningStats
-
         psnr = parts["psnr"].to(torch.float64)
         batch = int(psnr.shape[0])
         exact = torch.isinf(psnr)
@@ -192,8 +196,6 @@ class MetricTotals:
     def result(self) -> dict[str, Any]:
         """``num_images``, ``num_exact``, ``psnr`` (None when any image is exact: the mean is +inf),
         ``ssim``, ``lpips`` (None without LPIPS) and ``rfid`` (None without features)."""
-        from eval.metrics import frechet_distance
-
         if self.num_images == 0:
             raise ValueError("no images to average over")
         rfid = None
@@ -217,69 +219,9 @@ def summarize_metrics(batches: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def resolve_autoencoder_file(checkpoint: str) -> str:
-    """``checkpoint`` (the file, a tag, a checkpoint root or a run dir; local or URL) -> the URL of
-    its ``autoencoder.safetensors``."""
-    import fsspec
-
-    from trainer.autoencoder_trainer import AUTOENCODER_FILE
-    from trainer.checkpoint import POINTER, TAG_RE
-
-    url = checkpoint.rstrip("/")
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.isfile(path):
-        return url
-    if fs.exists(f"{path}/{AUTOENCODER_FILE}"):
-        return f"{url}/{AUTOENCODER_FILE}"
-    for root in (url, f"{url}/checkpoints"):
-        root_path = fsspec.core.url_to_fs(root)[1]
-        if not fs.exists(f"{root_path}/{POINTER}"):
-            continue
-        tag = fs.cat_file(f"{root_path}/{POINTER}").decode().strip()
-        if not TAG_RE.fullmatch(tag):
-            raise ValueError(f"checkpoint={checkpoint!r}: {root}/{POINTER} names {tag!r}; expected a tag like "
-                             f"step00001000")
-        if not fs.exists(f"{root_path}/{tag}/{AUTOENCODER_FILE}"):
-            raise FileNotFoundError(f"checkpoint={checkpoint!r}: the latest tag {root}/{tag} has no "
-                                    f"{AUTOENCODER_FILE}; only task=autoencoder runs write it")
-        return f"{root}/{tag}/{AUTOENCODER_FILE}"
-    raise FileNotFoundError(
-        f"checkpoint={checkpoint!r} is not a checkpoint of an autoencoder: expected an {AUTOENCODER_FILE} file, "
-        f"a checkpoint tag holding one, a checkpoint root holding a '{POINTER}' pointer, or a run directory "
-        f"holding checkpoints/{POINTER}")
-
-
-def read_autoencoder_metadata(url: str) -> dict[str, str]:
-    """The safetensors metadata of ``url``, reading only the file's header."""
-    import fsspec
-
-    from trainer.autoencoder_trainer import AUTOENCODER_FORMAT
-
-    fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        head = f.read(8)
-        size = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < size <= MAX_HEADER_BYTES:
-            raise ValueError(f"checkpoint {url!r} is not a safetensors file (header size {size})")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"checkpoint {url!r} is not a safetensors file ({e})") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != AUTOENCODER_FORMAT:
-        raise ValueError(f"checkpoint {url!r} has metadata format={(meta or {}).get('format')!r}; expected "
-                         f"{AUTOENCODER_FORMAT!r} (the autoencoder.safetensors of a task=autoencoder checkpoint)")
-    missing = [k for k in ("step", "scale_factor", "shift_factor", "config") if k not in meta]
-    if missing:
-        raise ValueError(f"checkpoint {url!r}: its metadata lacks {missing}")
-    return meta
-
-
 def autoencoder_config(meta: dict[str, str], url: str) -> tuple[Any, dict[str, Any]]:
     """``AutoencoderConfig`` of the metadata's ``config`` (weights come from the file itself, so its
     ``checkpoint_path`` is dropped), and the config as recorded."""
-    from trainer.models.autoencoder import AutoencoderConfig
-
     try:
         recorded = json.loads(meta["config"])
     except json.JSONDecodeError as e:
@@ -297,11 +239,6 @@ def autoencoder_config(meta: dict[str, str], url: str) -> tuple[Any, dict[str, A
 
 def load_autoencoder(url: str, cfg: Any, device: torch.device) -> torch.nn.Module:
     """The AutoencoderKL of ``cfg`` with the weights of ``url`` (every tensor, of the right shape)."""
-    import fsspec
-    from safetensors.torch import load as load_bytes
-
-    from trainer.models.autoencoder import AutoencoderKL, load_first_stage_state
-
     fs, path = fsspec.core.url_to_fs(url)
     model = AutoencoderKL(cfg)
     load_first_stage_state(model, load_bytes(fs.cat_file(path)), cfg, f"checkpoint {url!r} (with its metadata config)")
@@ -313,10 +250,6 @@ def load_autoencoder(url: str, cfg: Any, device: torch.device) -> torch.nn.Modul
 
 def shard_urls(data: str) -> list[str]:
     """The shard URLs of ``data``; each must exist (local) or the first must be readable (remote)."""
-    import fsspec
-
-    from data_pipeline.sources import RetryPolicy, check_readable, expand_urls, protocol_of, storage_options_for
-
     try:
         urls = expand_urls(data)
     except (FileNotFoundError, ValueError) as e:
@@ -339,8 +272,6 @@ def shard_urls(data: str) -> list[str]:
 def iter_images(urls: list[str], resolution: int, skipped: Counter) -> Iterator[np.ndarray]:
     """(resolution, resolution, 3) uint8 images of the shards in order; samples without an image or
     with bytes PIL cannot decode, and damaged shards, are counted in ``skipped`` and logged."""
-    from eval.reference import decoded_images, shard_images
-
     return decoded_images(shard_images(urls, None, skipped), resolution, skipped)
 
 
@@ -367,8 +298,6 @@ def batches(images: Iterator[np.ndarray], batch_size: int, limit: int) -> Iterat
 def reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> uint8 reconstructions decode(posterior.mode()), quantised as
     ``trainer.images.to_uint8`` quantises saved samples."""
-    from trainer.images import to_uint8
-
     device = next(autoencoder.parameters()).device
     recon = autoencoder.decode(autoencoder.encode(to_signed_float(images).to(device)).mode())  # (B, 3, H, W)
     return torch.from_numpy(to_uint8(recon.float())).permute(0, 3, 1, 2).contiguous()
@@ -385,15 +314,13 @@ def _check_file(key: str, value: Optional[str]) -> None:
 
 def evaluate(cfg: ReconstructionConfig) -> dict[str, Any]:
     """Run the evaluation of ``cfg``, write the JSON and return it (with ``out`` added)."""
-    import fsspec
-
     # Everything a user can get wrong is checked before the networks are built.
     file_url = resolve_autoencoder_file(cfg.checkpoint)
     meta = read_autoencoder_metadata(file_url)
     ae_cfg, recorded = autoencoder_config(meta, file_url)
     resolution = cfg.resolution or ae_cfg.resolution
     if resolution % ae_cfg.downsample_factor or resolution < MIN_SSIM_SIZE:
-        raise _bad("resolution", cfg.resolution, f"a multiple of the autoencoder's downsample factor "
+        raise invalid("resolution", cfg.resolution, f"a multiple of the autoencoder's downsample factor "
                    f"{ae_cfg.downsample_factor}, >= {MIN_SSIM_SIZE} (SSIM's window), or 0 for the autoencoder's "
                    f"{ae_cfg.resolution}")
     urls = shard_urls(cfg.data)
@@ -406,21 +333,16 @@ def evaluate(cfg: ReconstructionConfig) -> dict[str, Any]:
     out_fs, out_path = fsspec.core.url_to_fs(out)
     if out_fs.exists(out_path) and not cfg.overwrite:
         raise FileExistsError(f"out={out!r} exists; choose another path or overwrite=true")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise _bad("device", cfg.device, "cpu or auto here: this machine has no CUDA device")
+    device = select_device(cfg.device, "device")
     if cfg.lpips_backbone is None and not cfg.lpips_random_backbone:
         log.warning("neither lpips_backbone=<vgg16-397923af.pth> nor lpips_random_backbone=true is given: "
                     "LPIPS is not computed (reported as null)")
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
     log.info("loading autoencoder %s (step %s) onto %s", file_url, meta["step"], device)
     autoencoder = load_autoencoder(file_url, ae_cfg, device)
     lpips, lpips_record = _build_lpips(cfg, device)
     extractor = None
     if cfg.features != "none":
-        from eval.features import build_feature_extractor
-
         extractor = build_feature_extractor(cfg.features, inception_weights=cfg.inception_weights,
                                             digit_classifier=cfg.digit_classifier, resize=cfg.resize, device=device)
 
@@ -449,8 +371,6 @@ def evaluate(cfg: ReconstructionConfig) -> dict[str, Any]:
               "lpips_backbone": lpips_record,
               "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}}
     # allow_nan=False: a NaN or inf that slipped through fails here instead of writing invalid JSON.
-    from trainer.images import put_bytes
-
     put_bytes(out, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
     return {**record, "out": out}
 
@@ -458,17 +378,13 @@ def evaluate(cfg: ReconstructionConfig) -> dict[str, Any]:
 def _build_lpips(cfg: ReconstructionConfig, device: torch.device) -> tuple[Optional[torch.nn.Module], Any]:
     if cfg.lpips_backbone is None and not cfg.lpips_random_backbone:
         return None, None
-    from eval.features import sha256_file
-    from trainer.autoencoder_loss import AutoencoderLossConfig, build_lpips
-
-    loss_cfg = AutoencoderLossConfig(lpips_backbone=cfg.lpips_backbone, lpips_random_backbone=cfg.lpips_random_backbone)
     if cfg.lpips_random_backbone:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(LPIPS_RANDOM_SEED)
-            model = build_lpips(loss_cfg)
+            model = build_lpips(random_backbone=True)
         record = {"random": True, "seed": LPIPS_RANDOM_SEED}
     else:
-        model = build_lpips(loss_cfg)
+        model = build_lpips(cfg.lpips_backbone)
         path = Path(cfg.lpips_backbone).expanduser()
         record = {"random": False, "file": path.name, "sha256": sha256_file(path)}
     return model.to(device), {"net": "vgg", "version": "0.1", **record}
@@ -487,8 +403,6 @@ def summary(record: dict[str, Any]) -> str:
 
 @hydra.main(version_base=None, config_path="../conf/cli", config_name="reconstruction")
 def main(dict_cfg: DictConfig) -> None:
-    from trainer.inference import run_cli
-
     print(summary(run_cli(evaluate, dict_cfg)))
 
 

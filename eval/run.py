@@ -20,15 +20,24 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import fsspec
 import torch
 from omegaconf import OmegaConf
 
+from data_pipeline.demo_digits import read_digits_manifest
 from eval.config import EvalConfig
+from eval.protocol import (build_scorers, format_table, load_reference, protocol_prompts, results_record,
+                           run_protocol, sampler_fn, write_record)
+from trainer.inference import load_for_inference, resolve_checkpoint, train_config_of
+from trainer.runtime import distributed
+from trainer.runtime.checkpoint import POINTER, CheckpointStore
+from trainer.runtime.device import check_device, select_device
 
 log = logging.getLogger("eval.run")
 
@@ -54,8 +63,7 @@ class EvalRunConfig:
             raise ValueError(f"poll_interval_s={self.poll_interval_s} is invalid; allowed: seconds > 0")
         if self.idle_timeout_s < 0:
             raise ValueError(f"idle_timeout_s={self.idle_timeout_s} is invalid; allowed: seconds >= 0 (0 = never)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device={self.device!r} is invalid; allowed: auto, cpu, cuda")
+        check_device("device", self.device)
 
 
 def parse_args(argv: list[str]) -> EvalRunConfig:
@@ -109,16 +117,12 @@ class Evaluator:
     """Scorers and reference statistics built once; ``evaluate(tag_url)`` per checkpoint."""
 
     def __init__(self, args: EvalRunConfig, run_cfg, env, device: torch.device) -> None:
-        from eval.protocol import build_scorers, load_reference, protocol_prompts
-
         self.args, self.env, self.device = args, env, device
         self.cfg = protocol_config(OmegaConf.to_container(OmegaConf.structured(run_cfg.eval)), args)
         self.run_cfg = run_cfg
         self.resolution = self.cfg.resolution or run_cfg.data.image_size
         digits = None
         if run_cfg.data.kind == "digits":
-            from data_pipeline.demo_digits import read_digits_manifest
-
             digits = read_digits_manifest(run_cfg.data.root)
         if self.cfg.kind == "digits" and digits is None:
             raise ValueError("eval.kind='digits' needs a run trained on data.kind='digits'")
@@ -132,14 +136,9 @@ class Evaluator:
                 default=digits.val_url if digits is not None else None)
 
     def evaluate(self, checkpoint: str) -> Optional[dict[str, Any]]:
-        from eval.protocol import results_record, run_protocol, sampler_fn
-        from trainer import distributed
-        from trainer.inference import load_for_inference
-
         model = load_for_inference(checkpoint, use_ema=self.cfg.use_ema, device=self.device)
-        f = getattr(model.first_stage, "downsample_factor", 1)
         generate = sampler_fn(model.unet, model.encode_fn(self.device), model.first_stage, model.schedule,
-                              latent_shape=(model.cfg.model.unet.in_channels, self.resolution // f, self.resolution // f),
+                              latent_shape=model.cfg.model.latent_shape(self.resolution),
                               sampler=self.cfg.sampler, num_steps=self.cfg.num_steps, device=self.device)
         result = run_protocol(self.cfg, generate, self.prompts, scorers=self.scorers,
                               reference_stats=self.reference, labels=self.labels, rank=self.env.rank,
@@ -150,19 +149,11 @@ class Evaluator:
                               source=model.source, resolution=self.resolution)
 
 
-def _device(name: str, env) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
-
-
 def _results_url(out: str, tag: str) -> str:
     return f"{out.rstrip('/')}/{tag}.json"
 
 
 def _exists(url: str) -> bool:
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(url)
     return fs.exists(path)
 
@@ -170,24 +161,15 @@ def _exists(url: str) -> bool:
 def run(args: EvalRunConfig) -> list[dict[str, Any]]:
     """Evaluate ``args.checkpoint`` (or, with ``watch``, each checkpoint of its root as it appears);
     returns the results records (rank 0)."""
-    import tempfile
-
-    from trainer import distributed
-
     env = distributed.detect_env()
     if env.world_size > 1:
         distributed.init_process_group(env)
-    device = _device(args.device, env)
+    device = select_device(args.device, "device", env.local_rank)
     with tempfile.TemporaryDirectory(prefix="eval-") as work:
         return _run(args, env, device, Path(work))
 
 
 def _run(args: EvalRunConfig, env, device: torch.device, work: Path) -> list[dict[str, Any]]:
-    from eval.protocol import format_table, write_record
-    from trainer import distributed
-    from trainer.checkpoint import POINTER, CheckpointStore
-    from trainer.inference import resolve_checkpoint, train_config_of
-
     point = resolve_checkpoint(args.checkpoint, work, files=())  # the state only: config and step
     root_url = args.checkpoint.rstrip("/")
     if root_url.endswith(point.tag):
@@ -247,8 +229,6 @@ def _run(args: EvalRunConfig, env, device: torch.device, work: Path) -> list[dic
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from trainer import distributed
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:

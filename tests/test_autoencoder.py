@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from trainer.convert.diffusers_vae import (diffusers_vae_config, vae_from_diffusers, vae_keymap,
                                            vae_to_diffusers)
+from trainer.convert.first_stage import load_first_stage
 from trainer.models.autoencoder import (AttnBlock, AutoencoderConfig, AutoencoderKL,
                                         DiagonalGaussianDistribution, IdentityFirstStage,
                                         build_first_stage)
@@ -322,7 +323,7 @@ def _trained(cfg):
 
 
 def _assert_loaded(cfg, path, reference):
-    loaded = build_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(path))).state_dict()
+    loaded = load_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(path))).state_dict()
     assert loaded.keys() == reference.keys()
     assert all(torch.equal(loaded[k], reference[k]) for k in reference)
 
@@ -366,30 +367,29 @@ def test_load_reports_missing_unexpected_and_mismatched(tmp_path):
     save_file(sd, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=r"(?s)bad\.safetensors.*missing \(1\): decoder\.conv_out\.bias"
                                          r".*unexpected \(1\): encoder\.extra"):
-        build_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(tmp_path / "bad.safetensors")))
+        load_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(tmp_path / "bad.safetensors")))
     wide = AutoencoderKL(AutoencoderConfig(**{**TINY, "ch": 64})).state_dict()
     save_file(wide, str(tmp_path / "wide.safetensors"))
     with pytest.raises(ValueError, match=r"wide\.safetensors.*decoder\.conv_in\.weight: "
                                          r"checkpoint \(256, 4, 3, 3\) vs model \(128, 4, 3, 3\)"):
-        build_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(tmp_path / "wide.safetensors")))
+        load_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(tmp_path / "wide.safetensors")))
 
 
 def test_missing_checkpoint_names_path_and_key(tmp_path):
     path = tmp_path / "nowhere" / "vae.safetensors"
     with pytest.raises(FileNotFoundError,
                        match=r"model\.autoencoder\.checkpoint_path=.*nowhere/vae\.safetensors"):
-        build_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(path)))
+        load_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(path)))
     # Meta-device planning builds without reading weights.
     with torch.device("meta"):
-        assert _num_params(build_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(path)),
-                                             load_weights=False)) > 0
+        assert _num_params(build_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(path)))) > 0
 
 
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}, "obj": _Opaque()},
                tmp_path / "pickled.ckpt")
     with pytest.raises(ValueError, match=r"weights_only=True"):
-        build_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(tmp_path / "pickled.ckpt")))
+        load_first_stage(AutoencoderConfig(**TINY, checkpoint_path=str(tmp_path / "pickled.ckpt")))
 
 
 class _Opaque:

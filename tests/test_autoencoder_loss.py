@@ -31,12 +31,12 @@ def shared_lpips():
     """One random-trunk LPIPS for the module (building VGG16 is the slow part); it is frozen."""
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="randomly initialised VGG16"):
-        return build_lpips(AutoencoderLossConfig(**CFG))
+        return build_lpips(random_backbone=True)
 
 
 @pytest.fixture
 def make_loss(shared_lpips, monkeypatch):
-    monkeypatch.setattr(ael, "build_lpips", lambda cfg: shared_lpips if cfg.perceptual_weight else None)
+    monkeypatch.setattr(ael, "build_lpips", lambda *args, **kwargs: shared_lpips)
 
     def _make(**overrides) -> AutoencoderLoss:
         cfg = AutoencoderLossConfig(**{**CFG, **overrides})
@@ -411,10 +411,9 @@ def test_lpips_backbone_loads_torchvision_vgg16_features(tmp_path, monkeypatch):
     torch.save({**features, "classifier.6.bias": torch.zeros(1000)}, path)
     _no_network(monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    cfg = AutoencoderLossConfig(lpips_backbone=str(path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no random-trunk warning, no torchvision deprecation noise
-        model = build_lpips(cfg)
+        model = build_lpips(str(path))
     slices = [model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5]
     loaded = {}
     for s in slices:
@@ -439,14 +438,14 @@ class _Opaque:
 def test_lpips_backbone_errors_name_the_file(tmp_path):
     missing = tmp_path / "nowhere" / VGG16_FILE
     with pytest.raises(FileNotFoundError) as err:
-        build_lpips(AutoencoderLossConfig(lpips_backbone=str(missing)))
+        build_lpips(str(missing))
     assert str(missing) in str(err.value) and "loss.lpips_backbone" in str(err.value)
     assert VGG16_URL in str(err.value)
 
     wrong = tmp_path / "wrong.pth"
     torch.save({"encoder.weight": torch.zeros(2)}, wrong)
     with pytest.raises(ValueError) as err:
-        build_lpips(AutoencoderLossConfig(lpips_backbone=str(wrong)))
+        build_lpips(str(wrong))
     assert str(wrong) in str(err.value) and "features.0.weight" in str(err.value)
     assert "26 of 26" in str(err.value)
 
@@ -454,17 +453,17 @@ def test_lpips_backbone_errors_name_the_file(tmp_path):
     torch.save({f"features.{i}.{k}": torch.zeros(3) for i in VGG16_CONV_INDICES
                 for k in ("weight", "bias")}, shapes)
     with pytest.raises(ValueError, match=re.escape(str(shapes)) + ".*wrong shape.*features.0.weight"):
-        build_lpips(AutoencoderLossConfig(lpips_backbone=str(shapes)))
+        build_lpips(str(shapes))
 
     not_dict = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], not_dict)
     with pytest.raises(ValueError, match=re.escape(str(not_dict)) + ".*holds a list"):
-        build_lpips(AutoencoderLossConfig(lpips_backbone=str(not_dict)))
+        build_lpips(str(not_dict))
 
     pickled = tmp_path / "pickled.pth"
     torch.save({"features.0.weight": _Opaque()}, pickled)
     with pytest.raises(ValueError, match=re.escape(str(pickled)) + ".*weights_only=True"):
-        build_lpips(AutoencoderLossConfig(lpips_backbone=str(pickled)))
+        build_lpips(str(pickled))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -500,7 +499,7 @@ def test_config_lpips_source():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = AutoencoderLossConfig(perceptual_weight=0.0)
-        assert build_lpips(cfg) is None
+        assert AutoencoderLoss(cfg).perceptual_loss is None
         AutoencoderLossConfig(lpips_backbone=str(Path("~") / VGG16_FILE))  # existence checked at build
 
 

@@ -95,7 +95,8 @@ def test_discriminator_starts_at_disc_start(straight: Path) -> None:
 
 
 def test_exported_autoencoder_and_latent_scale(straight: Path) -> None:
-    from trainer.models.autoencoder import AutoencoderConfig, build_first_stage
+    from trainer.convert.first_stage import load_first_stage
+    from trainer.models.autoencoder import AutoencoderConfig
 
     tag_dir = straight / "checkpoints" / "step00000006"
     path = tag_dir / "autoencoder.safetensors"
@@ -111,10 +112,10 @@ def test_exported_autoencoder_and_latent_scale(straight: Path) -> None:
     assert set(exported) == {k[len("autoencoder."):] for k in live if k.startswith("autoencoder.")}
     assert all(torch.equal(exported[k], live["autoencoder." + k].float()) for k in exported)
     cfg = AutoencoderConfig(**{**json.loads(meta["config"]), "checkpoint_path": str(path), "scale_factor": scale})
-    model = build_first_stage(cfg)
+    model = load_first_stage(cfg)
     assert all(torch.equal(model.state_dict()[k], exported[k]) for k in exported)
     with pytest.warns(UserWarning, match=f"model.autoencoder.scale_factor={scale:.6g}"):
-        build_first_stage(AutoencoderConfig(**{**json.loads(meta["config"]), "checkpoint_path": str(path),
+        load_first_stage(AutoencoderConfig(**{**json.loads(meta["config"]), "checkpoint_path": str(path),
                                                "scale_factor": 1.0}))
     out = (straight / "metrics.json").read_text()
     assert json.loads(out)["finished"]
@@ -135,7 +136,7 @@ def test_bad_autoencoder_settings_fail_before_training(tmp_path: Path, overrides
 
 
 def test_overrides_cli_names_the_latest_autoencoder(straight: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainer.autoencoder_trainer", str(straight)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "trainer.autoencoder_overrides", str(straight)], cwd=ROOT,
                           env=th.train_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     path_arg, scale_arg = proc.stdout.split()
@@ -143,6 +144,6 @@ def test_overrides_cli_names_the_latest_autoencoder(straight: Path) -> None:
     assert path_arg == f"model.autoencoder.checkpoint_path={path}"
     with safe_open(str(path), "pt") as f:
         assert float(scale_arg.split("=", 1)[1]) == float(f.metadata()["scale_factor"])
-    bad = subprocess.run([sys.executable, "-m", "trainer.autoencoder_trainer", str(straight / "nowhere")], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "trainer.autoencoder_overrides", str(straight / "nowhere")], cwd=ROOT,
                          env=th.train_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "is not a checkpoint" in bad.stderr

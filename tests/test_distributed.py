@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.distributed import (
+from trainer.runtime.distributed import (
     DEFAULT_MASTER_PORT,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
@@ -216,7 +216,7 @@ def test_forced_one_process_group_exports_the_env_and_is_idempotent(monkeypatch)
     import torch
     import torch.distributed as dist
 
-    from trainer.distributed import destroy_process_group
+    from trainer.runtime.distributed import destroy_process_group
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "unset")  # restored after the test
@@ -247,7 +247,7 @@ def _free_loopback_port() -> int:
 _WORKER = textwrap.dedent("""
     import json, os, sys
     import torch, torch.distributed as dist
-    from trainer.distributed import barrier, destroy_process_group, detect_env, init_process_group
+    from trainer.runtime.distributed import barrier, destroy_process_group, detect_env, init_process_group
 
     env = detect_env()
     init_process_group(env, backend="gloo", timeout_s=60)

@@ -162,7 +162,7 @@ import torch
 from data_pipeline.demo_digits import read_digits_manifest
 from eval.config import EvalConfig
 from eval.protocol import build_scorers, compute_metrics, digit_prompts, generate_and_score, load_reference, sampler_fn
-from trainer import distributed
+from trainer.runtime import distributed
 from trainer.inference import load_for_inference
 
 checkpoint, out, data_root, cache = sys.argv[1:]

@@ -25,8 +25,8 @@ from eval.features import DigitFeatures
 from eval.metrics import feature_stats, frechet_distance
 from eval.reconstruction import (FORMAT, MetricTotals, reconstruction_metrics, resolve_autoencoder_file,
                                  summarize_metrics)
-from trainer.autoencoder_loss import AutoencoderLossConfig, build_lpips
-from trainer.autoencoder_trainer import AUTOENCODER_FILE
+from trainer.autoencoder_loss import build_lpips
+from trainer.runtime.checkpoint import AUTOENCODER_FILE
 from trainer.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from train_helpers import ROOT, train_env
 
@@ -125,7 +125,7 @@ def _chw(images: list[np.ndarray]) -> torch.Tensor:
 def random_lpips():
     torch.manual_seed(0)  # eval.reconstruction.LPIPS_RANDOM_SEED
     with pytest.warns(UserWarning, match="random"):
-        return build_lpips(AutoencoderLossConfig(lpips_random_backbone=True))
+        return build_lpips(random_backbone=True)
 
 
 def test_cli_metrics_equal_reference_implementations(run_dir, digits, random_lpips):

@@ -130,13 +130,13 @@ def _components(**unet_overrides):
     from omegaconf import OmegaConf
 
     import trainer.config  # noqa: F401 - registers the train_schema the composed config starts from
-    from trainer.inference import build_model
+    from trainer.interchange import build_networks
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         c = compose(config_name="train", overrides=["experiment=tiny", "model=tiny_kl",
                                                     *[f"model.unet.{k}={v}" for k, v in unet_overrides.items()]])
     cfg = OmegaConf.to_object(c)
-    return cfg, build_model(cfg)
+    return cfg, build_networks(cfg.model, cfg.train.seed)
 
 
 def test_import_refuses_another_architecture_and_truncated_files(exported: Path, tmp_path: Path) -> None:

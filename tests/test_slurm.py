@@ -45,7 +45,7 @@ def test_bad_slurm_settings_fail_before_submission() -> None:
 
 
 def test_requeue_only_below_the_limit_and_only_under_slurm() -> None:
-    from trainer.lifecycle import requeue_slurm_job
+    from trainer.runtime.lifecycle import requeue_slurm_job
 
     calls = []
 

@@ -357,7 +357,7 @@ def test_a_wrong_url_fails_before_training_starts(clean, tmp_path: Path) -> None
     from omegaconf import OmegaConf
 
     from data_pipeline.stream import spec_from_config
-    from trainer.config import DataConfig
+    from data_pipeline.config import DataConfig
 
     urls, _ = clean
     missing = str(tmp_path / "nope" / "{00000..00003}.tar")

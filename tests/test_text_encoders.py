@@ -10,11 +10,12 @@ from omegaconf import OmegaConf
 
 from trainer.convert.diffusers_ldmbert import (diffusers_ldmbert_config, ldmbert_from_diffusers,
                                                ldmbert_keymap, ldmbert_to_diffusers)
-from trainer.models.text_encoders import (CLIPBPETokenizer, FrozenOpenCLIPTextEncoder,
+from trainer.models.text_encoders import (CHECKPOINT_BLOCKS, CLIPBPETokenizer, FrozenOpenCLIPTextEncoder,
                                           LDMTextTransformer, TextConditioner, TextEncoderConfig,
                                           WordPieceTokenizer, build_text_encoder)
 
 from conftest import ROOT
+from trainer.runtime.engine import apply_activation_checkpointing, is_checkpointed
 
 PAPER_TEXT_ENCODER_PARAMS = 542_895_360
 LOGITS_HEAD_PARAMS = 1280 * 30522 + 30522  # 39,098,682: built by CompVis and diffusers, never used
@@ -121,14 +122,14 @@ def test_activation_checkpointing_gives_identical_grads():
 
     def grads(enabled):
         model.zero_grad()
-        model.set_activation_checkpointing(enabled)
+        apply_activation_checkpointing(model, enabled, CHECKPOINT_BLOCKS)
         out = model(tokens)
         (out.square().mean() + out[:, 0].sum()).backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     out_plain, plain = grads(False)
     out_ckpt, ckpt = grads(True)
-    assert all(layer.checkpointing for layer in model.layers)
+    assert all(is_checkpointed(layer) for layer in model.layers)
     assert torch.equal(out_plain, out_ckpt)
     for name in plain:
         assert torch.equal(plain[name], ckpt[name]), name

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from trainer.images import make_grid
-from trainer.tracking import (REDACTED, LoggingConfig, RunTracker, format_console_line, is_secret_key,
+from trainer.runtime.tracking import (REDACTED, LoggingConfig, RunTracker, format_console_line, is_secret_key,
                               new_run_id, redact, resolve_wandb_mode)
 
 PLANTED_SECRET = "sk-planted-0123456789abcdef"

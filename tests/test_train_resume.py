@@ -131,7 +131,7 @@ def test_resume_two_ranks_on_one(tmp_path: Path, reference, stage: int) -> None:
 
 CRASH_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
-    from trainer import checkpoint
+    from trainer.runtime import checkpoint
 
     original = checkpoint.CheckpointStore._commit
 

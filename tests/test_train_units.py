@@ -16,10 +16,10 @@ from PIL import Image
 
 import train_helpers as th
 from data_pipeline.indexed import GlobalOrder, InMemoryBatches, Samples, load_shards
-from trainer.checkpoint import CheckpointStore, needs_universal
+from trainer.runtime.checkpoint import CheckpointStore, needs_universal
 from trainer.config import TrainConfig, config_differences
-from trainer.ema import EMA
-from trainer.engine import WarmupDecay, deepspeed_config, parameter_groups
+from trainer.runtime.ema import EMA
+from trainer.runtime.engine import WarmupDecay, deepspeed_config, parameter_groups
 
 
 def _train_config(compose, overrides: list[str]) -> TrainConfig:

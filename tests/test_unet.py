@@ -9,7 +9,8 @@ import torch
 from trainer.convert.diffusers_unet import (diffusers_unet_config, unet_from_diffusers, unet_keymap,
                                             unet_to_diffusers)
 from trainer.models.attention import GEGLU
-from trainer.models.unet import UNetConfig, UNetModel, timestep_embedding
+from trainer.models.unet import CHECKPOINT_BLOCKS, UNetConfig, UNetModel, timestep_embedding
+from trainer.runtime.engine import apply_activation_checkpointing, is_checkpointed
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -216,7 +217,7 @@ def test_converter_rejects_config_diffusers_cannot_express():
 ])
 def test_set_activation_checkpointing_rejects(enabled, match):
     with pytest.raises(ValueError, match=match):
-        UNetModel(UNetConfig(**TINY)).set_activation_checkpointing(enabled)
+        apply_activation_checkpointing(UNetModel(UNetConfig(**TINY)), enabled, CHECKPOINT_BLOCKS)
 
 
 # --- checkpointing, memory format, precision -----------------------------------------------------
@@ -250,7 +251,7 @@ def test_activation_checkpointing_gives_identical_grads(enabled, recomputed):
     _randomize(reference)
     checkpointed = UNetModel(cfg)
     checkpointed.load_state_dict(reference.state_dict())
-    checkpointed.set_activation_checkpointing(enabled)
+    apply_activation_checkpointing(checkpointed, enabled, CHECKPOINT_BLOCKS)
     calls = _count_calls(checkpointed)
     x, t, context = _inputs(cfg)
     context.requires_grad_(True)
@@ -272,11 +273,14 @@ def test_activation_checkpointing_gives_identical_grads(enabled, recomputed):
     assert calls == {"res": 1, "transformer": 1}
 
 
-def test_checkpointing_from_config():
-    model = UNetModel(UNetConfig(**TINY, activation_checkpointing=True))
-    assert model.input_blocks[1][0].checkpointing and model.input_blocks[1][1].checkpointing
-    model.set_activation_checkpointing(False)
-    assert not model.input_blocks[1][0].checkpointing and not model.input_blocks[1][1].checkpointing
+def test_checkpointing_applied_and_removed_from_outside():
+    model = UNetModel(UNetConfig(**TINY))
+    names = [n for n, _ in model.named_parameters()]
+    apply_activation_checkpointing(model, True, CHECKPOINT_BLOCKS)
+    assert is_checkpointed(model.input_blocks[1][0]) and is_checkpointed(model.input_blocks[1][1])
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoints and the EMA keep their names
+    apply_activation_checkpointing(model, False, CHECKPOINT_BLOCKS)
+    assert not is_checkpointed(model.input_blocks[1][0]) and not is_checkpointed(model.input_blocks[1][1])
 
 
 @pytest.mark.parametrize("kwargs", [TINY, dict(TINY, use_linear_in_transformer=True)],

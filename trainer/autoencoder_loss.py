@@ -13,7 +13,6 @@ so that a step does not wait for the device; :func:`logs_to_floats` reads them o
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.checks import is_float, is_int
 from trainer.models.autoencoder import DiagonalGaussianDistribution
 from trainer.models.discriminator import NLayerDiscriminator
 
@@ -42,13 +42,12 @@ def _bad(key: str, value: Any, expected: str) -> ValueError:
 
 
 def _check_int(key: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value, minimum):
         raise _bad(key, value, f"an int >= {minimum}")
 
 
 def _check_float(key: str, value: Any, minimum: Optional[float] = 0.0) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or (minimum is not None and value < minimum):
+    if not is_float(value, minimum):
         raise _bad(key, value, "a finite float" + ("" if minimum is None else f" >= {minimum}"))
 
 
@@ -119,6 +118,7 @@ class AutoencoderLossConfig:
 
 
 def _lpips_linear_layers_path() -> Path:
+    # Imported here: lpips pulls in torchvision's model zoo; only LPIPS needs it.
     import lpips
 
     return Path(lpips.__file__).parent / "weights" / f"v{LPIPS_VERSION}" / "vgg.pth"
@@ -158,27 +158,27 @@ def _load_trunk(net: nn.Module, state: dict[str, torch.Tensor], path: Path) -> N
     net.load_state_dict(trunk, strict=True)
 
 
-def build_lpips(cfg: AutoencoderLossConfig) -> Optional[nn.Module]:
-    """LPIPS v0.1 with a VGG16 trunk (Zhang et al., CVPR 2018), frozen and in eval mode; ``None`` when
-    ``cfg.perceptual_weight`` is 0.
+def build_lpips(backbone: Optional[str] = None, *, random_backbone: bool = False) -> nn.Module:
+    """LPIPS v0.1 with a VGG16 trunk (Zhang et al., CVPR 2018), frozen and in eval mode.
 
-    The trunk comes from ``cfg.lpips_backbone`` (torchvision's ``vgg16-397923af.pth``, the trunk the
-    CompVis/taming LPIPS uses), or stays random when ``cfg.lpips_random_backbone``. The calibrated
-    linear layers ship inside the ``lpips`` package. Both are read with ``torch.load(weights_only=True)``
-    here rather than by lpips, and lpips is built with ``pnet_rand=True`` so torchvision never tries
-    to download anything. A random trunk draws from the global RNG.
+    The trunk comes from ``backbone`` (torchvision's ``vgg16-397923af.pth``, the trunk the
+    CompVis/taming LPIPS uses), or stays random with ``random_backbone`` (tests and demos; drawn from
+    the global RNG). The calibrated linear layers ship inside the ``lpips`` package. Both are read with
+    ``torch.load(weights_only=True)`` here rather than by lpips, and lpips is built with
+    ``pnet_rand=True`` so torchvision never tries to download anything.
     """
-    cfg.check_lpips_source()
-    if cfg.perceptual_weight == 0:
-        return None
+    if (backbone is None) == (not random_backbone):
+        raise ValueError(f"{LPIPS_BACKBONE_KEY}={backbone!r} and loss.lpips_random_backbone={random_backbone}: "
+                         f"expected exactly one of them")
+    # Imported here: lpips pulls in torchvision's model zoo, which only the autoencoder job and
+    # eval.reconstruction need.
     import lpips
 
-    backbone: Optional[Path] = None
     state: dict[str, torch.Tensor] = {}
-    if not cfg.lpips_random_backbone:
+    if not random_backbone:
         # Read the file before building the network so that a wrong path fails at once.
-        backbone = Path(cfg.lpips_backbone).expanduser()
-        state = _read_vgg16_state(backbone)
+        backbone_path = Path(backbone).expanduser()
+        state = _read_vgg16_state(backbone_path)
     with warnings.catch_warnings():
         # lpips calls torchvision.models.vgg16(pretrained=False), a deprecated spelling of weights=None.
         warnings.filterwarnings("ignore", message=r".*'pretrained' is deprecated", category=UserWarning)
@@ -194,11 +194,11 @@ def build_lpips(cfg: AutoencoderLossConfig) -> Optional[nn.Module]:
                          f"{sorted(expected_linear)} (is the lpips package intact?)")
     # strict=False: the trunk (net.*) is loaded below, and lins.N are aliases of linN.
     model.load_state_dict(linear, strict=False)
-    if cfg.lpips_random_backbone:
+    if random_backbone:
         warnings.warn("loss.lpips_random_backbone=True: LPIPS runs on a randomly initialised VGG16; "
                       "its perceptual term is not the paper's (for tests and demos only)")
     else:
-        _load_trunk(model.net, state, backbone)
+        _load_trunk(model.net, state, backbone_path)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -300,7 +300,9 @@ class AutoencoderLoss(nn.Module):
         self.perceptual_weight = cfg.perceptual_weight
         self.disc_weight = cfg.disc_weight
         self.disc_factor = cfg.disc_factor
-        self.perceptual_loss = build_lpips(cfg)
+        cfg.check_lpips_source()
+        self.perceptual_loss = (build_lpips(cfg.lpips_backbone, random_backbone=cfg.lpips_random_backbone)
+                                if cfg.perceptual_weight else None)
         # Shape (1,), not CompVis' 0-d scalar: DeepSpeed broadcasts parameters as byte views, which a
         # 0-d tensor cannot give.
         self.logvar = nn.Parameter(torch.full((1,), float(cfg.logvar_init)))

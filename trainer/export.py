@@ -15,6 +15,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from trainer.cli import run_cli
+from trainer.inference import load_for_inference
+from trainer.interchange import export_diffusers, export_safetensors
+
 FORMATS = ("diffusers", "safetensors")
 
 
@@ -35,9 +39,6 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 def export(cfg: ExportConfig):
-    from trainer.inference import load_for_inference
-    from trainer.interchange import export_diffusers, export_safetensors
-
     model = load_for_inference(cfg.checkpoint, use_ema=cfg.use_ema)
     write = export_diffusers if cfg.format == "diffusers" else export_safetensors
     return write(model, cfg.out, overwrite=cfg.overwrite)
@@ -45,8 +46,6 @@ def export(cfg: ExportConfig):
 
 @hydra.main(version_base=None, config_path="../conf/cli", config_name="export")
 def main(dict_cfg: DictConfig) -> None:
-    from trainer.inference import run_cli
-
     print(f"wrote {run_cli(export, dict_cfg)}")
 
 

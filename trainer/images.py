@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import fsspec
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 
@@ -90,9 +92,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def put_bytes(url: str, data: bytes) -> str:
     """Write ``data`` to a local path (``atomic_write_bytes``) or an fsspec URL (one PUT, which object
     stores make visible whole). Returns ``url``."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
     fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
         atomic_write_bytes(path, data)

@@ -11,7 +11,6 @@ stage. No process group, no GPU needed.
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainer.checkpoint import EMA_FILE, POINTER, STATE_FILE, CheckpointStore, ResumePoint, load_ema
+from trainer.config import TrainConfig
+from trainer.diffusion import build_diffusion
+from trainer.interchange import build_networks
+from trainer.runtime.checkpoint import EMA_FILE, POINTER, STATE_FILE, CheckpointStore, ResumePoint, load_ema
+from trainer.tasks.diffusion import load_trained_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +42,13 @@ class LoadedModel:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        f = getattr(self.first_stage, "downsample_factor", 1)
-        size = self.cfg.data.image_size
-        return self.cfg.model.unet.in_channels, size // f, size // f
+        return self.cfg.model.latent_shape(self.cfg.data.image_size)
 
     def encode_fn(self, device: torch.device | str = "cpu") -> Callable[[list[str]], torch.Tensor]:
         def encode(prompts: list[str]) -> torch.Tensor:
             return self.text_encoder(self.tokenizer(prompts).to(device))
 
         return encode
-
-
-def run_cli(fn: Callable[[Any], Any], dict_cfg) -> Any:
-    """Entry point of the one-machine tools (sample, export, precompute): logs to stderr, validates
-    the config, and turns a user's mistake (bad value, missing file, existing output) into exit code 2
-    with its message instead of a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    try:
-        return fn(OmegaConf.to_object(dict_cfg))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def resolve_checkpoint(checkpoint: str, work_dir: str | Path | None = None,
@@ -93,27 +81,11 @@ def resolve_checkpoint(checkpoint: str, work_dir: str | Path | None = None,
 
 def train_config_of(state: dict[str, Any]):
     """The run's ``TrainConfig`` from a checkpoint's saved (redacted) config."""
-    from trainer.config import TrainConfig
-
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"]))
     except Exception as e:  # noqa: BLE001 - re-raised with what it is about
         raise ValueError(f"the config saved in the checkpoint does not load into this version's TrainConfig: {e}") \
             from None
-
-
-def build_model(cfg):
-    """The networks of ``cfg.model`` (a ``ModelComponents``) as the trainer builds them: seeded random
-    init, pretrained files, then ``model.init_from`` (weights of published models, through the converters)."""
-    from trainer.interchange import load_pretrained
-    from trainer.models.config import build_components
-
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and on reload
-    parts = build_components(cfg.model, device="cpu")
-    if cfg.model.init_from:
-        report = load_pretrained(parts, cfg.model.init_from, cfg.model)
-        log.info("model.init_from=%s: %s", cfg.model.init_from, report)
-    return parts
 
 
 def trained_weights(point: ResumePoint, use_ema: bool) -> dict[str, torch.Tensor]:
@@ -130,6 +102,7 @@ def trained_weights(point: ResumePoint, use_ema: bool) -> dict[str, torch.Tensor
         # DeepSpeed's own model file: tensors and plain containers (no unpickling of objects).
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
+    # Imported here: deepspeed takes seconds to import and only this path (live ZeRO weights) needs it.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(point.local_dir), tag=point.tag).items()}
@@ -137,20 +110,13 @@ def trained_weights(point: ResumePoint, use_ema: bool) -> dict[str, torch.Tensor
 
 def load_for_inference(checkpoint: str, *, use_ema: bool = True, device: torch.device | str = "cpu",
                        work_dir: str | Path | None = None) -> LoadedModel:
-    from trainer.diffusion import build_diffusion
-    from trainer.ema import copy_into
-
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         point = resolve_checkpoint(checkpoint, work_dir or tmp, files=(EMA_FILE,) if use_ema else None)
         weights = trained_weights(point, use_ema)
     cfg = train_config_of(point.state)
-    parts = build_model(cfg)
-    copy_into(parts.unet, {k: v for k, v in weights.items() if k.startswith("unet.")}, prefix="unet")
-    text_keys = {k: v for k, v in weights.items() if k.startswith("text_encoder.")}
-    if text_keys:
-        copy_into(parts.text_encoder, text_keys, prefix="text_encoder")
-    elif parts.text_encoder_trainable:
-        raise ValueError(f"checkpoint {point.tag} has no text_encoder.* weights but model.text_encoder is trainable")
+    parts = build_networks(cfg.model, cfg.train.seed)
+    load_trained_weights(parts.unet, parts.text_encoder, weights, text_trainable=parts.text_encoder_trainable,
+                         what=f"checkpoint {point.tag}")
     for module in (parts.unet, parts.text_encoder, parts.first_stage):
         module.to(device).eval().requires_grad_(False)
     source = {"checkpoint": checkpoint, "tag": point.tag, "step": int(point.state["step"]),

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from trainer.convert.clip_text import (CLIP_TEXT_ARCH_KEYS, clip_text_config, clip_text_from_transformers,
+                                      clip_text_to_transformers)
+from trainer.convert.diffusers_ldmbert import diffusers_ldmbert_config, ldmbert_from_diffusers, ldmbert_to_diffusers
+from trainer.convert.diffusers_unet import diffusers_unet_config, unet_from_diffusers, unet_to_diffusers
+from trainer.convert.diffusers_vae import diffusers_vae_config, vae_from_diffusers, vae_to_diffusers
+from trainer.convert.first_stage import load_first_stage_weights, read_state_dict
 from trainer.convert.keymap import ConversionReport, KeyMap
+from trainer.convert.tokenizers import export_tokenizer
+from trainer.models.config import ModelComponents, ModelConfig, build_components
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +111,6 @@ def compvis_ldmbert_keymap(depth: int) -> KeyMap:
 
 
 def _load_compvis(parts, path: Path, cfg) -> dict[str, Any]:
-    from trainer.models.autoencoder import read_state_dict
-
     try:
         obj = read_state_dict(path)
     except ValueError as e:
@@ -131,8 +138,6 @@ def _load_compvis(parts, path: Path, cfg) -> dict[str, Any]:
         text_prefix = "cond_stage_model.transformer."
         ours, report = compvis_ldmbert_keymap(cfg.text_encoder.depth).to_ours(take(text_prefix))
     elif take("cond_stage_model.transformer."):  # SD v1: OpenAI CLIP as a transformers CLIPTextModel
-        from trainer.convert.clip_text import clip_text_from_transformers
-
         text_prefix = "cond_stage_model.transformer."
         ours, report = clip_text_from_transformers(take(text_prefix), cfg.text_encoder)
     elif take("cond_stage_model.model."):  # SD v2: the OpenCLIP model itself
@@ -159,12 +164,8 @@ def _text_converter(cfg):
     """(subfolder, transformers class, to_theirs, from_theirs, config) for the text encoder."""
     tcfg = cfg.text_encoder
     if tcfg.kind == "ldm_bert":
-        from trainer.convert.diffusers_ldmbert import diffusers_ldmbert_config, ldmbert_from_diffusers, ldmbert_to_diffusers
-
         return ("bert", ("latent_diffusion", "LDMBertModel"), lambda sd: ldmbert_to_diffusers(sd, tcfg),
                 lambda sd: ldmbert_from_diffusers(sd, tcfg), {**diffusers_ldmbert_config(tcfg), "model_type": "ldmbert"})
-    from trainer.convert.clip_text import clip_text_config, clip_text_from_transformers, clip_text_to_transformers
-
     return ("text_encoder", ("transformers", "CLIPTextModel"), lambda sd: clip_text_to_transformers(sd, tcfg),
             lambda sd: clip_text_from_transformers(sd, tcfg), {**clip_text_config(tcfg), "model_type": "clip_text_model"})
 
@@ -174,15 +175,10 @@ def _text_arch(cfg, text_config: dict[str, Any]) -> dict[str, Any]:
     carry other token ids and projection sizes that do not change the UNet's context)."""
     if cfg.text_encoder.kind == "ldm_bert":
         return {k: v for k, v in text_config.items() if k != "model_type"}
-    from trainer.convert.clip_text import CLIP_TEXT_ARCH_KEYS
-
     return {k: text_config[k] for k in CLIP_TEXT_ARCH_KEYS if k in text_config}
 
 
 def _load_diffusers(parts, root: Path, cfg) -> dict[str, Any]:
-    from trainer.convert.diffusers_unet import diffusers_unet_config, unet_from_diffusers
-    from trainer.convert.diffusers_vae import diffusers_vae_config, vae_from_diffusers
-
     where = f"model.init_from={str(root)!r}"
     summary: dict[str, Any] = {}
     _check_config(root / "unet" / "config.json", diffusers_unet_config(cfg.unet), f"{where} (unet/config.json)")
@@ -223,6 +219,20 @@ def load_pretrained(parts, path: str, cfg) -> dict[str, Any]:
         raise FileNotFoundError(f"model.init_from={path!r} does not exist (a diffusers folder, or a CompVis "
                                 f".ckpt / .safetensors file)")
     return _load_compvis(parts, p, cfg)
+
+
+def build_networks(cfg: ModelConfig, seed: int) -> ModelComponents:
+    """The networks of ``cfg`` as every job builds them: seeded random initialisation (identical on
+    every rank and on every reload), the first stage's pretrained file (``model.autoencoder.
+    checkpoint_path``), then ``model.init_from`` (published weights, through the converters)."""
+    torch.manual_seed(seed)
+    parts = build_components(cfg, device="cpu")
+    if cfg.autoencoder.kind == "kl" and cfg.autoencoder.checkpoint_path is not None:
+        load_first_stage_weights(parts.first_stage, cfg.autoencoder.checkpoint_path, cfg.autoencoder)
+    if cfg.init_from:
+        report = load_pretrained(parts, cfg.init_from, cfg)
+        log.info("model.init_from=%s: %s", cfg.init_from, report)
+    return parts
 
 
 # ----------------------------------------------------------------------------- export
@@ -272,10 +282,6 @@ def _staging(out: Path) -> Path:
 
 def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path:
     """A diffusers pipeline folder for ``model`` (a ``trainer.inference.LoadedModel``)."""
-    from trainer.convert.diffusers_unet import diffusers_unet_config, unet_to_diffusers
-    from trainer.convert.diffusers_vae import diffusers_vae_config, vae_to_diffusers
-    from trainer.convert.tokenizers import export_tokenizer
-
     cfg = model.cfg.model
     if cfg.autoencoder.kind != "kl":
         raise ValueError(f"format=diffusers needs a latent model: model.autoencoder.kind={cfg.autoencoder.kind!r} "
@@ -323,8 +329,6 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
 
 def export_safetensors(model, out: str | Path, *, overwrite: bool = False) -> Path:
     """One safetensors file per component, in our (CompVis) layout, plus the model config."""
-    from dataclasses import asdict
-
     out = Path(out)
     tmp = _staging(out)
     try:

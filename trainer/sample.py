@@ -18,6 +18,11 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from trainer.cli import run_cli
+from trainer.images import atomic_write_bytes, make_grid, save_png, to_uint8
+from trainer.inference import load_for_inference
+from trainer.runtime.device import check_device, select_device
+from trainer.sampling.pipeline import text_to_image
 from trainer.sampling.samplers import SAMPLERS
 
 log = logging.getLogger("trainer.sample")
@@ -48,6 +53,7 @@ class SampleConfig:
         for key, minimum in (("n", 1), ("steps", 1), ("batch_size", 1), ("seed", 0)):
             if getattr(self, key) < minimum:
                 raise ValueError(f"{key}={getattr(self, key)} is invalid; allowed: an int >= {minimum}")
+        check_device("device", self.device)
         if not self.guidance >= 1.0:
             raise ValueError(f"guidance={self.guidance} is invalid; allowed: a float >= 1 (1 = no guidance)")
 
@@ -78,17 +84,11 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
 
 def sample(cfg: SampleConfig) -> Path:
     """Draw the images and write them; returns the output folder."""
-    import torch
-
-    from trainer.images import atomic_write_bytes, make_grid, save_png, to_uint8
-    from trainer.inference import load_for_inference
-    from trainer.sampling.pipeline import text_to_image
-
     prompts = read_prompts(cfg)  # bad input fails before the model is loaded
     out = Path(cfg.out)
     if (out / "samples.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"out={cfg.out!r} already holds samples.json; choose another folder or overwrite=true")
-    device = torch.device(cfg.device)
+    device = select_device(cfg.device, "device")
     model = load_for_inference(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     all_prompts = [p for p in prompts for _ in range(cfg.n)]
     seeds = [cfg.seed + i for i in range(len(all_prompts))]
@@ -115,8 +115,6 @@ def sample(cfg: SampleConfig) -> Path:
 
 @hydra.main(version_base=None, config_path="../conf/cli", config_name="sample")
 def main(dict_cfg: DictConfig) -> None:
-    from trainer.inference import run_cli
-
     print(f"wrote {run_cli(sample, dict_cfg)}/ (images, grid.png, samples.json)")
 
 

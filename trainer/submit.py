@@ -14,13 +14,17 @@ import string
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import TrainConfig
+from trainer.images import atomic_write_bytes
+from trainer.runtime.lifecycle import SlurmConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = {"train": ROOT / "slurm" / "train.sbatch", "precompute": ROOT / "slurm" / "precompute.sbatch",
@@ -30,21 +34,36 @@ CONF_DIR = str(ROOT / "conf")
 SUBMIT_ONLY = ("slurm.dry_run",)  # overrides that concern submission, not the job
 
 
-def job_name(cfg: TrainConfig) -> str:
-    s = cfg.slurm
-    return s.job_name or (cfg.experiment if s.job == "train" else f"{cfg.experiment}-{s.job}")
+@dataclass(frozen=True)
+class Run:
+    """What a job script needs to know of the run besides ``slurm.*``."""
+
+    experiment: str
+    run_dir: Path  # absolute: the job may start in another directory
+    checkpoint_dir: str  # absolute or a URL
+    precompute_out: Optional[str] = None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "Run":
+        root = cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints")
+        return cls(experiment=cfg.experiment, run_dir=Path(cfg.run_dir).resolve(),
+                   checkpoint_dir=root if "://" in root else str(Path(root).resolve()),
+                   precompute_out=cfg.precompute.out)
 
 
-def log_dir(cfg: TrainConfig) -> Path:
+def job_name(s: SlurmConfig, run: Run) -> str:
+    return s.job_name or (run.experiment if s.job == "train" else f"{run.experiment}-{s.job}")
+
+
+def log_dir(s: SlurmConfig, run: Run) -> Path:
     """Where the sbatch script and the job's output go (absolute: the job may start elsewhere)."""
-    return Path(cfg.slurm.log_dir).resolve() if cfg.slurm.log_dir else Path(cfg.run_dir).resolve() / "slurm"
+    return Path(s.log_dir).resolve() if s.log_dir else run.run_dir / "slurm"
 
 
-def render_script(cfg: TrainConfig, overrides: list[str]) -> str:
-    """The sbatch script of ``cfg.slurm.job``; ``overrides`` are passed to the job's Python entry point."""
-    s = cfg.slurm
+def render_script(s: SlurmConfig, run: Run, overrides: list[str]) -> str:
+    """The sbatch script of ``s.job``; ``overrides`` are passed to the job's Python entry point."""
     directives = []
-    if s.job == "precompute" and not cfg.precompute.out:
+    if s.job == "precompute" and not run.precompute_out:
         raise ValueError("slurm.job=precompute needs precompute.out=<cache folder or URL>")
     if s.gpus_per_node and s.job == "precompute":
         directives.append("--gpus-per-task=1")
@@ -55,19 +74,18 @@ def render_script(cfg: TrainConfig, overrides: list[str]) -> str:
             directives.append(f"--{key}={getattr(s, key)}")
     directives += list(s.extra_directives)
     if s.job == "eval":
-        return _render_eval(cfg, overrides, directives)
+        return _render_eval(s, run, overrides, directives)
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith(SUBMIT_ONLY)]
     if s.job == "precompute":  # the cache folder: absolute, whatever directory the array runs in
         job_overrides = [o if not o.startswith("precompute.out=") or "://" in o
                          else f"precompute.out={Path(o.split('=', 1)[1]).resolve()}" for o in job_overrides]
-    run_dir = Path(cfg.run_dir).resolve()
     if not any(o.startswith("run_dir=") for o in job_overrides):
-        job_overrides.append(f"run_dir={run_dir}")  # the same folder on every restart, wherever sbatch ran
+        job_overrides.append(f"run_dir={run.run_dir}")  # the same folder on every restart, wherever sbatch ran
     values = {
-        "job_name": job_name(cfg),
+        "job_name": job_name(s, run),
         "last_task": s.array_tasks - 1, "nodes": s.nodes, "ntasks_per_node": s.ntasks_per_node,
         "cpus_per_task": s.cpus_per_task, "time": s.time, "signal": s.signal, "signal_seconds": s.signal_seconds,
-        "log_dir": str(log_dir(cfg)),
+        "log_dir": str(log_dir(s, run)),
         "directives": "\n".join(f"#SBATCH {d}" for d in directives),
         "setup": "\n".join(s.setup), "python": shlex.quote(s.python or sys.executable),
         "overrides": " ".join(shlex.quote(o) for o in job_overrides),
@@ -75,31 +93,25 @@ def render_script(cfg: TrainConfig, overrides: list[str]) -> str:
     return string.Template(TEMPLATES[s.job].read_text()).substitute(values)
 
 
-def _render_eval(cfg: TrainConfig, overrides: list[str], directives: list[str]) -> str:
+def _render_eval(s: SlurmConfig, run: Run, overrides: list[str], directives: list[str]) -> str:
     """The evaluation watcher: the run's checkpoint root, the ``eval.*`` overrides of the command line
     (the protocol is otherwise the one saved with the run's checkpoints)."""
-    s = cfg.slurm
-    root = cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints")
-    if "://" not in root:
-        root = str(Path(root).resolve())  # the job may start in another directory
     # A preset chosen with `eval=<name>` becomes eval.run's `protocol=<name>` (dropping it would
     # silently evaluate the run's saved protocol instead).
     presets = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == "eval"]
     eval_overrides = [f"protocol={name}" for name in presets[-1:]] + [o for o in overrides if o.startswith("eval.")]
-    values = {"job_name": job_name(cfg), "ntasks_per_node": max(1, s.gpus_per_node), "cpus_per_task": s.cpus_per_task,
-              "time": s.time, "log_dir": str(log_dir(cfg)), "directives": "\n".join(f"#SBATCH {d}" for d in directives),
+    values = {"job_name": job_name(s, run), "ntasks_per_node": max(1, s.gpus_per_node), "cpus_per_task": s.cpus_per_task,
+              "time": s.time, "log_dir": str(log_dir(s, run)),
+              "directives": "\n".join(f"#SBATCH {d}" for d in directives),
               "setup": "\n".join(s.setup), "python": shlex.quote(s.python or sys.executable),
-              "checkpoint_root": shlex.quote(root), "poll_interval_s": EVAL_POLL_INTERVAL_S,
+              "checkpoint_root": shlex.quote(run.checkpoint_dir), "poll_interval_s": EVAL_POLL_INTERVAL_S,
               "overrides": " ".join(shlex.quote(o) for o in eval_overrides)}
     return string.Template(TEMPLATES["eval"].read_text()).substitute(values)
 
 
-def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
+def submit(script: str, s: SlurmConfig, run: Run) -> tuple[str, Path, Path]:
     """Write the script under ``<run_dir>/slurm/`` and ``sbatch`` it: (job id, script, log file)."""
-    from trainer.images import atomic_write_bytes
-
-    s = cfg.slurm
-    path = log_dir(cfg) / f"{s.job}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    path = log_dir(s, run) / f"{s.job}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     atomic_write_bytes(path, script.encode())  # (creates the log folder the job writes to)
     try:
         proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
@@ -109,19 +121,20 @@ def submit(script: str, cfg: TrainConfig) -> tuple[str, Path, Path]:
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch {path} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
-    name = job_name(cfg)
-    return job_id, path, log_dir(cfg) / (f"{name}-{job_id}.out" if s.job != "precompute" else f"{name}-{job_id}_<task>.out")
+    name = job_name(s, run)
+    return job_id, path, log_dir(s, run) / (f"{name}-{job_id}.out" if s.job != "precompute" else f"{name}-{job_id}_<task>.out")
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def main(dict_cfg: DictConfig) -> None:
     cfg: TrainConfig = OmegaConf.to_object(dict_cfg)  # validates every group before anything is queued
-    script = render_script(cfg, list(HydraConfig.get().overrides.task))
+    run = Run.of(cfg)
+    script = render_script(cfg.slurm, run, list(HydraConfig.get().overrides.task))
     if cfg.slurm.dry_run:
         print(script, end="")
         return
-    job_id, path, log_file = submit(script, cfg)
-    run_dir = Path(cfg.run_dir).resolve()
+    job_id, path, log_file = submit(script, cfg.slurm, run)
+    run_dir = run.run_dir
     print(f"submitted job {job_id}\n  script:  {path}\n  log:     {log_file}\n  run dir: {run_dir}\n"
           f"  W&B:     {run_dir / 'wandb'} (mode {cfg.logging.wandb_mode}; the run id is kept in the checkpoints "
           f"and reused by every restart)")

@@ -33,6 +33,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from tokenizers.normalizers import BertNormalizer
+
 from trainer.images import atomic_write_bytes
 from trainer.models.text_encoders import CLIPBPETokenizer, WordPieceTokenizer
 
@@ -56,6 +58,7 @@ def _json_bytes(obj: dict) -> bytes:
 def clip_clean_text(text: str) -> str:
     """open_clip's prompt cleaning (``clean="lower"``): ftfy, HTML unescape, whitespace, lowercase.
     Applied to prompts before an exported ``CLIPTokenizer`` it removes the cleaning differences."""
+    # Imported here: open_clip takes seconds to import; only an OpenCLIP tower or tokenizer needs it.
     from open_clip.tokenizer import basic_clean, whitespace_clean
 
     return whitespace_clean(basic_clean(text)).lower()
@@ -65,6 +68,7 @@ def clip_bpe_vocab_and_merges(bpe_path: Optional[str] = None) -> tuple[dict[str,
     """``(vocab, merges)`` of open_clip's bundled BPE file (or ``bpe_path``), in open_clip's id order:
     the 256 byte characters, the same with ``</w>``, one token per merge, then the two special tokens
     under their Hugging Face names. ``merges`` are the ``"a b"`` lines of ``merges.txt``."""
+    # Imported here: open_clip takes seconds to import; only an OpenCLIP tower or tokenizer needs it.
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
     lines = gzip.open(bpe_path or default_bpe()).read().decode("utf-8").split("\n")
@@ -83,6 +87,7 @@ def clip_bpe_vocab_and_merges(bpe_path: Optional[str] = None) -> tuple[dict[str,
 
 def clip_tokenizer_files(tokenizer: CLIPBPETokenizer) -> dict[str, bytes]:
     """The files of a transformers ``CLIPTokenizer`` folder with ``tokenizer``'s ids (name -> bytes)."""
+    # Imported here: open_clip takes seconds to import; only an OpenCLIP tower or tokenizer needs it.
     import open_clip
     from open_clip.tokenizer import _clean_lower
 
@@ -127,8 +132,6 @@ def clip_tokenizer_files(tokenizer: CLIPBPETokenizer) -> dict[str, bytes]:
 
 def bert_tokenizer_files(tokenizer: WordPieceTokenizer) -> dict[str, bytes]:
     """The files of a transformers ``BertTokenizer`` folder with ``tokenizer``'s ids (name -> bytes)."""
-    from tokenizers.normalizers import BertNormalizer
-
     backend = tokenizer._tokenizer  # tokenizers.BertWordPieceTokenizer
     normalizer = backend.normalizer
     assert isinstance(normalizer, BertNormalizer) and normalizer.clean_text

@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from trainer.checks import check_int, invalid
 from trainer.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES
 
 TIMESTEP_SAMPLINGS = ("uniform",)
@@ -32,35 +33,30 @@ class DiffusionConfig:
     timestep_sampling: str = "uniform"
 
     def __post_init__(self) -> None:
-        def bad(key: str, allowed: str) -> ValueError:
-            return ValueError(f"diffusion.{key}={getattr(self, key)!r} is invalid; allowed: {allowed}")
-
-        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int) \
-                or self.num_train_timesteps < 2:
-            raise bad("num_train_timesteps", "an int >= 2")
+        check_int("diffusion.num_train_timesteps", self.num_train_timesteps, 2)
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise bad("beta_schedule", f"one of {BETA_SCHEDULES}")
+            raise invalid("diffusion.beta_schedule", self.beta_schedule, f"one of {BETA_SCHEDULES}")
         if not 0.0 < self.beta_start < 1.0:
-            raise bad("beta_start", "0 < beta_start < 1")
+            raise invalid("diffusion.beta_start", self.beta_start, "0 < beta_start < 1")
         if not 0.0 < self.beta_end < 1.0:
-            raise bad("beta_end", "0 < beta_end < 1")
+            raise invalid("diffusion.beta_end", self.beta_end, "0 < beta_end < 1")
         if self.beta_schedule != "cosine" and self.beta_start > self.beta_end:
             raise ValueError(f"diffusion.beta_start={self.beta_start!r} > diffusion.beta_end={self.beta_end!r}; "
                              f"allowed: beta_start <= beta_end")
         if self.beta_schedule == "cosine" and (self.beta_start, self.beta_end) != (0.00085, 0.012):
             warnings.warn("diffusion.beta_start / beta_end are ignored by beta_schedule='cosine'", stacklevel=2)
         if self.prediction_type not in PREDICTION_TYPES:
-            raise bad("prediction_type", f"one of {PREDICTION_TYPES}")
+            raise invalid("diffusion.prediction_type", self.prediction_type, f"one of {PREDICTION_TYPES}")
         if self.rescale_zero_terminal_snr and self.prediction_type == "eps":
             # At zero terminal SNR x_T carries no signal, so x0 = (x_T - sigma eps) / alpha divides by
             # zero: Lin et al. 2024 (Sec. 3.2) switch to v prediction for this reason.
             raise ValueError("diffusion.rescale_zero_terminal_snr=True with diffusion.prediction_type='eps' "
                              "cannot recover x0 at the terminal step; allowed: prediction_type 'v' or 'x0'")
         if not self.offset_noise >= 0.0:
-            raise bad("offset_noise", "a float >= 0")
+            raise invalid("diffusion.offset_noise", self.offset_noise, "a float >= 0")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0.0:
-            raise bad("min_snr_gamma", "null or a float > 0")
+            raise invalid("diffusion.min_snr_gamma", self.min_snr_gamma, "null or a float > 0")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
-            raise bad("cond_drop_prob", "a probability in [0, 1]")
+            raise invalid("diffusion.cond_drop_prob", self.cond_drop_prob, "a probability in [0, 1]")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise bad("timestep_sampling", f"one of {TIMESTEP_SAMPLINGS}")
+            raise invalid("diffusion.timestep_sampling", self.timestep_sampling, f"one of {TIMESTEP_SAMPLINGS}")

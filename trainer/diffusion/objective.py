@@ -1,12 +1,15 @@
 """The training objective: noise the latents, ask the network, regress the target.
 
 The network is an argument (DiT's ``diffusion.training_losses(model, ...)``), so the same objective
-serves a bare UNet, a compiled one or a DeepSpeed engine.
+serves a bare UNet, a compiled one or a DeepSpeed engine. So is the randomness: one
+``torch.Generator`` for a batch, or ``SampleGenerators`` - one generator per sample, keyed by the
+sample's global position in the data, so that a sample's caption dropout, timestep and noise are
+the same whatever the world size, the accumulation or the batch it lands in.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -16,20 +19,58 @@ from trainer.diffusion.schedule import NoiseSchedule
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _rand(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+class SampleGenerators:
+    """One CPU generator per sample of a batch, seeded from ``(seed, global position)``.
+
+    Each draw takes one call per sample of the per-sample shape (the batch's shape without its first
+    dimension) and stacks the results along dim 0: (B, *shape). A sample's numbers depend only on its
+    position and on the order of the draws (caption dropout, then the posterior sample, the timestep,
+    the noise), never on the other samples of the batch.
+    """
+
+    def __init__(self, seed: int, positions: Sequence[int]) -> None:
+        self.generators = [torch.Generator().manual_seed((seed * 2**40 + int(p)) % 2**63) for p in positions]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def rand(self, shape: tuple[int, ...] = ()) -> torch.Tensor:
+        return torch.stack([torch.rand(shape, generator=g) for g in self.generators])
+
+    def randn(self, shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in self.generators])
+
+    def randint(self, high: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
+        return torch.stack([torch.randint(0, high, shape, generator=g) for g in self.generators])
+
+
+Generator = Union[torch.Generator, SampleGenerators, None]
+
+
+def _per_sample(shape: tuple[int, ...], generator: SampleGenerators) -> tuple[int, ...]:
+    if shape[0] != len(generator):
+        raise ValueError(f"a batch of {shape[0]} samples drawn with {len(generator)} per-sample generators")
+    return tuple(shape[1:])
+
+
+def _rand(shape: tuple[int, ...], generator: Generator, device: torch.device) -> torch.Tensor:
     """U[0, 1) drawn on the generator's device (a CPU generator gives the same numbers whatever
     the target device), then moved."""
+    if isinstance(generator, SampleGenerators):
+        return generator.rand(_per_sample(shape, generator)).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
-def _randn(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device,
+def _randn(shape: tuple[int, ...], generator: Generator, device: torch.device,
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if isinstance(generator, SampleGenerators):
+        return generator.randn(_per_sample(shape, generator), dtype).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
-def drop_conditions(prompts: list[str], p: float, generator: Optional[torch.Generator] = None) -> list[str]:
+def drop_conditions(prompts: list[str], p: float, generator: Generator = None) -> list[str]:
     """Replace each caption by the empty prompt with probability ``p``.
 
     Classifier-free guidance training (Ho & Salimans 2022): the text encoder then encodes "" and
@@ -43,7 +84,7 @@ def drop_conditions(prompts: list[str], p: float, generator: Optional[torch.Gene
 
 
 def drop_context(context: torch.Tensor, uncond_context: torch.Tensor, p: float,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Generator = None) -> torch.Tensor:
     """Tensor-level ``drop_conditions`` for cached text embeddings: each row of ``context``
     (B, L, D) becomes ``uncond_context`` ((L, D), (1, L, D) or (B, L, D)) with probability ``p``.
     Draws the same uniforms as ``drop_conditions`` for the same generator state."""
@@ -83,14 +124,16 @@ class GaussianDiffusion:
     def num_train_timesteps(self) -> int:
         return self.schedule.num_train_timesteps
 
-    def sample_timesteps(self, batch_size: int, device: torch.device,
-                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int, device: torch.device, generator: Generator = None) -> torch.Tensor:
         """t ~ U{0, ..., T-1}, (B,) int64."""
+        if isinstance(generator, SampleGenerators):
+            _per_sample((batch_size,), generator)
+            return generator.randint(self.num_train_timesteps).to(device)
         gen_device = generator.device if generator is not None else device
         t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=gen_device)
         return t.to(device)
 
-    def sample_noise(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_noise(self, x0: torch.Tensor, generator: Generator = None) -> torch.Tensor:
         """eps ~ N(0, I) like x0, plus the offset-noise term when enabled."""
         noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
         if self.offset_noise > 0.0:
@@ -123,7 +166,7 @@ class GaussianDiffusion:
         return clipped
 
     def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, context: torch.Tensor, *,
-                        generator: Optional[torch.Generator] = None, t: Optional[torch.Tensor] = None,
+                        generator: Generator = None, t: Optional[torch.Tensor] = None,
                         noise: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Per-sample losses for a batch of clean latents.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -143,7 +142,6 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner_dim = num_heads * dim_head
         self.use_linear = use_linear
-        self.checkpointing = False
         self.norm = GroupNorm32(norm_num_groups, in_channels, eps=1e-6)
         if use_linear:
             self.proj_in: nn.Module = nn.Linear(in_channels, inner_dim)
@@ -160,11 +158,6 @@ class SpatialTransformer(nn.Module):
             p.detach().zero_()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, context, use_reentrant=False)
-        return self._forward(x, context)
-
-    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape  # (B, C, H, W)
         h = self.norm(x)
         if not self.use_linear:

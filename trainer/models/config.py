@@ -29,6 +29,12 @@ class ModelConfig:
     # (trainer.interchange.load_pretrained); every tensor must fit this architecture.
     init_from: Optional[str] = None
 
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(C, h, w) of the diffusion latent of an ``image_size`` image: the first stage's latent
+        channels and its downsampling."""
+        f = self.autoencoder.downsample_factor
+        return self.autoencoder.latent_channels, image_size // f, image_size // f
+
     def __post_init__(self) -> None:
         width = self.text_encoder.output_width
         if self.unet.context_dim != width:
@@ -65,9 +71,10 @@ class ModelComponents:
 
 
 def build_components(cfg: ModelConfig, *, device: torch.device | str = "cpu",
-                     allow_random_init: bool = False, load_weights: bool = True,
-                     build_tokenizer: bool = True) -> ModelComponents:
-    """Build every network of ``cfg`` on ``device``.
+                     allow_random_init: bool = False, build_tokenizer: bool = True) -> ModelComponents:
+    """Build every network of ``cfg`` on ``device``: random initialisation, except the frozen
+    OpenCLIP tower, whose weights open_clip reads itself (the first stage's pretrained file is
+    loaded by ``trainer.interchange.build_networks``).
 
     ``device="meta"`` allocates nothing (used by ``trainer.plan``); weights are then not loaded and
     no tokenizer is built. ``allow_random_init`` lets frozen pretrained parts (OpenCLIP) start from
@@ -76,7 +83,7 @@ def build_components(cfg: ModelConfig, *, device: torch.device | str = "cpu",
     meta = torch.device(device).type == "meta"
     with torch.device(device):
         unet = UNetModel(cfg.unet)
-        first_stage = build_first_stage(cfg.autoencoder, load_weights=load_weights and not meta)
+        first_stage = build_first_stage(cfg.autoencoder)
         text_encoder, tokenizer = build_text_encoder(
             cfg.text_encoder, allow_random_init=allow_random_init or meta,
             build_tokenizer=build_tokenizer and not meta)

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from tokenizers import BertWordPieceTokenizer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 KINDS = ("ldm_bert", "open_clip")
 TOKENIZERS = ("wordpiece", "clip_bpe")
@@ -163,8 +163,6 @@ class WordPieceTokenizer:
     (BERT normalizer: clean text, split CJK, lowercase and strip accents; BERT pre-tokenizer)."""
 
     def __init__(self, vocab_file: Optional[str], max_length: int = 77, lowercase: bool = True):
-        from tokenizers import BertWordPieceTokenizer
-
         if vocab_file is None or not Path(vocab_file).is_file():
             what = "is not set" if vocab_file is None else f"{str(vocab_file)!r} does not exist"
             raise FileNotFoundError(f"WordPiece vocabulary: model.text_encoder.vocab_file {what}. "
@@ -202,6 +200,7 @@ class CLIPBPETokenizer:
     this bundled tokenizer so it never reaches for the Hugging Face hub."""
 
     def __init__(self, max_length: int = 77, arch: Optional[str] = None):
+        # Imported here: open_clip takes seconds to import; only an OpenCLIP tower or tokenizer needs it.
         import open_clip
 
         if max_length < 2:
@@ -295,16 +294,14 @@ class TransformerLayer(nn.Module):
         self.attn = SelfAttention(width, num_heads, dim_head)
         self.ff_norm = nn.LayerNorm(width)
         self.ff = FeedForward(width, ff_mult)
-        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))  # (B, L, D)
         return x + self.ff(self.ff_norm(x))  # (B, L, D)
+
+
+# The blocks activation checkpointing can recompute (``trainer.runtime.engine.apply_activation_checkpointing``).
+CHECKPOINT_BLOCKS = {"layer": TransformerLayer}
 
 
 class LDMTextTransformer(nn.Module):
@@ -338,12 +335,6 @@ class LDMTextTransformer(nn.Module):
         return cls(vocab_size=cfg.vocab_size, max_length=cfg.max_length, width=cfg.width,
                    depth=cfg.depth, num_heads=cfg.num_heads, dim_head=cfg.dim_head,
                    ff_mult=cfg.ff_mult)
-
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each layer in backward (non-reentrant ``torch.utils.checkpoint``); only acts in
-        training mode with grad enabled."""
-        for layer in self.layers:
-            layer.checkpointing = bool(enabled)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.ndim != 2 or tokens.shape[1] > self.max_length:
@@ -380,6 +371,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
                  layer: str = "penultimate", *, allow_random_init: bool = False,
                  model_cfg: Optional[dict] = None):
         super().__init__()
+        # Imported here: open_clip takes seconds to import; only an OpenCLIP tower or tokenizer needs it.
         from open_clip.model import _build_text_tower
         from open_clip.transformer import TextTransformer
 
@@ -420,6 +412,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         return self.model.width
 
     def _load(self, path: str) -> None:
+        # Imported here: open_clip takes seconds to import; only an OpenCLIP tower or tokenizer needs it.
         from open_clip.factory import load_state_dict
 
         state = load_state_dict(path)  # safetensors or torch.load(weights_only=True)
@@ -459,6 +452,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
 
 def _open_clip_weights_hint(arch: str) -> str:
     """Where to get weights for ``arch``, from open_clip's own (offline) list of pretrained tags."""
+    # Imported here: open_clip takes seconds to import; only an OpenCLIP tower or tokenizer needs it.
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model(arch)

@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from trainer.models.attention import GroupNorm32, SpatialTransformer
-
-# Block kinds that ``UNetModel.set_activation_checkpointing`` accepts.
-CHECKPOINT_KINDS = ("res", "transformer")
-
 
 @dataclass
 class UNetConfig:
@@ -31,8 +26,8 @@ class UNetConfig:
     at each level) whose blocks get a ``SpatialTransformer``, as in CompVis. Heads are set by exactly
     one of ``num_heads`` (fixed count; SD v1) or ``num_head_channels`` (fixed width, count =
     channels // width; SD v2); the other must be -1. ``dropout`` acts in ResBlocks only: CompVis
-    passes none to its transformers. ``activation_checkpointing`` turns it on for every block; use
-    ``UNetModel.set_activation_checkpointing`` to choose block kinds.
+    passes none to its transformers. Activation checkpointing is applied from outside the model, per
+    block kind of ``CHECKPOINT_BLOCKS`` (``trainer.runtime.engine.apply_activation_checkpointing``).
     """
 
     in_channels: int = 4
@@ -48,7 +43,6 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
     dropout: float = 0.0
     norm_num_groups: int = 32
-    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         # Hydra may hand over ListConfig; plain int lists keep `in` tests and pickling simple.
@@ -136,7 +130,6 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float,
                  norm_num_groups: int) -> None:
         super().__init__()
-        self.checkpointing = False
         self.in_layers = nn.Sequential(
             GroupNorm32(norm_num_groups, channels), nn.SiLU(),
             nn.Conv2d(channels, out_channels, 3, padding=1))
@@ -152,11 +145,6 @@ class ResBlock(nn.Module):
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
-
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)  # (B, C_out, H, W)
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # + (B, C_out, 1, 1)
         h = self.out_layers(h)
@@ -260,34 +248,6 @@ class UNetModel(nn.Module):
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         for p in self.out[2].parameters():
             p.detach().zero_()
-        self.set_activation_checkpointing(cfg.activation_checkpointing)
-
-    def set_activation_checkpointing(self, enabled: bool | Sequence[str]) -> None:
-        """Recompute block activations in backward instead of storing them.
-
-        ``enabled`` is True (every ResBlock and SpatialTransformer), False (none), or a sequence of
-        block kinds from ``CHECKPOINT_KINDS``: ``"res"`` (ResBlocks) and ``"transformer"``
-        (SpatialTransformers; attention and feed-forward hold most activations at high resolution).
-        Each block is checkpointed on its own (non-reentrant ``torch.utils.checkpoint``, RNG state
-        preserved so dropout masks repeat), and only while training with grad enabled, so
-        evaluation and sampling are unaffected.
-        """
-        if isinstance(enabled, bool):
-            kinds = set(CHECKPOINT_KINDS) if enabled else set()
-        elif isinstance(enabled, str):
-            raise ValueError(f"activation checkpointing={enabled!r}: pass a list of block kinds, "
-                             f"e.g. [{enabled!r}]; allowed kinds: {list(CHECKPOINT_KINDS)}")
-        else:
-            kinds = set(enabled)
-            unknown = sorted(kinds - set(CHECKPOINT_KINDS))
-            if unknown:
-                raise ValueError(f"activation checkpointing kinds {unknown} are unknown; allowed: "
-                                 f"True, False or a subset of {list(CHECKPOINT_KINDS)}")
-        for module in self.modules():
-            if isinstance(module, ResBlock):
-                module.checkpointing = "res" in kinds
-            elif isinstance(module, SpatialTransformer):
-                module.checkpointing = "transformer" in kinds
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         factor = 2 ** (len(self.cfg.channel_mult) - 1)
@@ -307,3 +267,9 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)  # (B, C_out, H, W)
+
+
+# The blocks activation checkpointing can recompute, by the kind ``deepspeed.activation_checkpointing``
+# names: ResBlocks, and SpatialTransformers (attention and feed-forward hold most activations at high
+# resolution).
+CHECKPOINT_BLOCKS = {"res": ResBlock, "transformer": SpatialTransformer}

@@ -434,6 +434,11 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def world_size() -> int:
+    """Ranks in the default group (1 without one)."""
+    return dist.get_world_size() if _active() else 1
+
+
 def group_rank(group=None) -> int:
     return dist.get_rank(group) if _active() else 0
 
@@ -472,6 +477,13 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place on the tensor's device (no copy to the host); returns ``values``."""
+    if _active():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def all_reduce_sum(values: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -39,7 +39,8 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer import distributed
+from trainer.checks import check_int, invalid
+from trainer.runtime import distributed
 from trainer.images import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,35 @@ STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 TAG_RE = re.compile(r"step(\d{8})")
 UNIVERSAL_SUFFIX = "_universal"
+# A first-stage checkpoint (task=autoencoder) also holds the autoencoder's fp32 weights with its
+# latent scale, in one safetensors file a diffusion job loads by path.
+AUTOENCODER_FILE = "autoencoder.safetensors"
+AUTOENCODER_FORMAT = "ldm-platform/autoencoder"  # its safetensors metadata "format"
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+
+
+@dataclass
+class CheckpointConfig:
+    # Local path or any fsspec URL (s3://bucket/run/checkpoints); default: <run_dir>/checkpoints.
+    dir: Optional[str] = None
+    interval_steps: int = 1000
+    keep_last: int = 3
+    # auto: continue from the newest complete checkpoint in ``dir`` if there is one;
+    # never: refuse to start over an existing checkpoint; or an explicit checkpoint directory/tag.
+    resume: str = "auto"
+    # Resuming with a changed model / diffusion config is refused unless this is set.
+    allow_config_change: bool = False
+    # Scratch space for converting a checkpoint to DeepSpeed's universal format and for staging
+    # uploads to a remote ``dir``; default: <run_dir>/.checkpoint_work.
+    work_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_int("checkpoint.interval_steps", self.interval_steps, 1)
+        check_int("checkpoint.keep_last", self.keep_last, 1)
+        if not self.resume:
+            raise invalid("checkpoint.resume", self.resume, "'auto', 'never' or a checkpoint path")
+
+
 
 
 def tag_for(step: int) -> str:
@@ -226,6 +256,22 @@ class CheckpointStore:
         return ResumePoint(tag=tag, local_dir=local_root, state=state)
 
 
+def find_resume_point(store: CheckpointStore, resume: str, work_dir: str | os.PathLike, *, rank: int,
+                      local_rank: int = 0) -> Optional[ResumePoint]:
+    """What ``checkpoint.resume`` names in ``store``: ``auto`` its newest complete checkpoint (None in an
+    empty root), ``never`` nothing (an error if the root holds one), else an explicit ``<root>/<tag>``."""
+    if resume == "never":
+        if store.latest_tag() is not None:
+            raise ValueError(f"checkpoint.resume='never' but {store.url} holds checkpoint {store.latest_tag()}; "
+                             f"choose another run_dir or checkpoint.resume=auto")
+        return None
+    if resume == "auto":
+        tag = store.latest_tag()
+        return None if tag is None else store.resolve(tag)
+    root, _, tag = resume.rstrip("/").rpartition("/")
+    return CheckpointStore(root, work_dir, rank=rank, local_rank=local_rank).resolve(tag)
+
+
 def needs_universal(state: dict[str, Any], world_size: int) -> bool:
     """Whether DeepSpeed can load the engine state directly: ZeRO partitions (and BF16_Optimizer's
     fp32 masters) are cut per rank, so another world size needs the universal format."""
@@ -273,3 +319,62 @@ def load_rng(point_dir: Path, rank: int) -> None:
 def load_ema(point_dir: Path) -> Optional[dict[str, torch.Tensor]]:
     path = point_dir / EMA_FILE
     return load_file(str(path)) if path.exists() else None
+
+
+# ----------------------------------------------------------------------------- autoencoder.safetensors
+
+
+def autoencoder_file_metadata(*, step: int, scale_factor: float, shift_factor: float,
+                              config: dict[str, Any]) -> dict[str, str]:
+    """The metadata of ``autoencoder.safetensors``: what ``read_autoencoder_metadata`` checks."""
+    return {"format": AUTOENCODER_FORMAT, "step": str(step), "scale_factor": repr(scale_factor),
+            "shift_factor": repr(shift_factor), "config": json.dumps(config, sort_keys=True)}
+
+
+def resolve_autoencoder_file(checkpoint: str) -> str:
+    """``checkpoint`` (the file, a tag, a checkpoint root or a run dir; local or URL) -> the URL of
+    its ``autoencoder.safetensors``."""
+    url = checkpoint.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.isfile(path):
+        return url
+    if fs.exists(f"{path}/{AUTOENCODER_FILE}"):
+        return f"{url}/{AUTOENCODER_FILE}"
+    for root in (url, f"{url}/checkpoints"):
+        root_path = fsspec.core.url_to_fs(root)[1]
+        if not fs.exists(f"{root_path}/{POINTER}"):
+            continue
+        tag = fs.cat_file(f"{root_path}/{POINTER}").decode().strip()
+        if not TAG_RE.fullmatch(tag):
+            raise ValueError(f"checkpoint={checkpoint!r}: {root}/{POINTER} names {tag!r}; expected a tag like "
+                             f"step00001000")
+        if not fs.exists(f"{root_path}/{tag}/{AUTOENCODER_FILE}"):
+            raise FileNotFoundError(f"checkpoint={checkpoint!r}: the latest tag {root}/{tag} has no "
+                                    f"{AUTOENCODER_FILE}; only task=autoencoder runs write it")
+        return f"{root}/{tag}/{AUTOENCODER_FILE}"
+    raise FileNotFoundError(
+        f"checkpoint={checkpoint!r} is not a checkpoint of an autoencoder: expected an {AUTOENCODER_FILE} file, "
+        f"a checkpoint tag holding one, a checkpoint root holding a '{POINTER}' pointer, or a run directory "
+        f"holding checkpoints/{POINTER}")
+
+
+def read_autoencoder_metadata(url: str) -> dict[str, str]:
+    """The safetensors metadata of ``url``, reading only the file's header."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < size <= MAX_HEADER_BYTES:
+            raise ValueError(f"checkpoint {url!r} is not a safetensors file (header size {size})")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"checkpoint {url!r} is not a safetensors file ({e})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != AUTOENCODER_FORMAT:
+        raise ValueError(f"checkpoint {url!r} has metadata format={(meta or {}).get('format')!r}; expected "
+                         f"{AUTOENCODER_FORMAT!r} (the autoencoder.safetensors of a task=autoencoder checkpoint)")
+    missing = [k for k in ("step", "scale_factor", "shift_factor", "config") if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint {url!r}: its metadata lacks {missing}")
+    return meta

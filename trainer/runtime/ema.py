@@ -10,12 +10,33 @@ exactly like the weights. ``state_dict`` gathers the partitions into whole fp32 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from trainer import distributed
+from trainer.checks import check_int, invalid
+from trainer.runtime import distributed
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    # CompVis LitEma: the decay used at update n is min(decay, (1 + n) / (10 + n)), so early
+    # averages are not dominated by the random initialisation.
+    warmup: bool = True
+    update_every: int = 1
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise invalid("ema.decay", self.decay, "a float in (0, 1)")
+        check_int("ema.update_every", self.update_every, 1)
+        check_int("ema.start_step", self.start_step, 0)
+
+
 
 
 def _is_partitioned(param: nn.Parameter) -> bool:

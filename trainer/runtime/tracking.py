@@ -29,7 +29,9 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 import torch
+from tqdm import tqdm
 
+from trainer.checks import check_int, invalid
 from trainer.images import atomic_write_bytes, save_png, tile_uint8, to_uint8
 
 logger = logging.getLogger("trainer")
@@ -61,29 +63,24 @@ class LoggingConfig:
     progress_bar: bool = True         # tqdm on the main rank when stderr is a TTY
 
     def __post_init__(self) -> None:
-        def bad(key: str, allowed: str) -> ValueError:
-            return ValueError(f"logging.{key}={getattr(self, key)!r} is invalid; allowed: {allowed}")
-
-        if isinstance(self.interval_steps, bool) or not isinstance(self.interval_steps, int) \
-                or self.interval_steps < 1:
-            raise bad("interval_steps", "an int >= 1")
+        check_int("logging.interval_steps", self.interval_steps, 1)
         if isinstance(self.image_interval_steps, bool) or not isinstance(self.image_interval_steps, int) \
                 or self.image_interval_steps < 0:
-            raise bad("image_interval_steps", "an int >= 0 (0 = only at the end)")
+            raise invalid("logging.image_interval_steps", self.image_interval_steps, "an int >= 0 (0 = only at the end)")
         if self.wandb_mode not in WANDB_MODES:
-            raise bad("wandb_mode", f"one of {WANDB_MODES}")
+            raise invalid("logging.wandb_mode", self.wandb_mode, f"one of {WANDB_MODES}")
         if not isinstance(self.project, str) or not self.project or len(self.project) > 128 \
                 or _WANDB_FORBIDDEN_CHARS & set(self.project):
-            raise bad("project", "a non-empty string of at most 128 characters without any of / \\ # ? % :")
+            raise invalid("logging.project", self.project, "a non-empty string of at most 128 characters without any of / \\ # ? % :")
         for key in ("entity", "run_name", "group"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
-                raise bad(key, "None or a non-empty string")
+                raise invalid(f"logging.{key}", value, "None or a non-empty string")
         if isinstance(self.tags, (str, bytes)) or not isinstance(self.tags, Sequence) \
                 or not all(isinstance(t, str) and 0 < len(t) <= _MAX_TAG_LEN for t in self.tags):
-            raise bad("tags", f"a list of non-empty strings of at most {_MAX_TAG_LEN} characters")
+            raise invalid("logging.tags", self.tags, f"a list of non-empty strings of at most {_MAX_TAG_LEN} characters")
         if not isinstance(self.progress_bar, bool):
-            raise bad("progress_bar", "true or false")
+            raise invalid("logging.progress_bar", self.progress_bar, "true or false")
 
 
 def resolve_wandb_mode(mode: str, environ: Mapping[str, str] | None = None) -> str:
@@ -338,8 +335,6 @@ class RunTracker:
             logger.info("run %s: resuming at step %d; metrics.jsonl keeps %d records, dropped %d after step %d",
                         run_id, resume_step, kept, dropped, resume_step)
         if cfg.progress_bar and max_steps is not None and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self._bar = tqdm(total=max_steps, initial=resume_step or 0, unit="step", dynamic_ncols=True)
 
     def _truncate_metrics(self, resume_step: int | None) -> tuple[int, int]:
@@ -447,6 +442,7 @@ class RunTracker:
                              f"allowed: one caption per image")
         path = save_png(tile_uint8(batch), self._run_dir / "samples" / f"{_sanitize_filename(key)}_step{step:07d}.png")
         if self._wandb_run is not None:
+            # Imported here: wandb takes ~0.5 s to import; non-main ranks and disabled runs never need it.
             import wandb
 
             self._wandb_run.log({key: [wandb.Image(image, caption=str(caption))

@@ -13,11 +13,69 @@ import os
 import signal
 import subprocess
 import threading
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
+
+from trainer.checks import check_int, invalid
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+SIGNALS = ("USR1", "USR2", "TERM")
+SLURM_JOBS = ("train", "precompute", "eval")
+
+
+@dataclass
+class SlurmConfig:
+    """How ``trainer.submit`` asks SLURM for the job (``slurm/train.sbatch``), and how the running job
+    handles the time-limit signal: checkpoint, then requeue itself (up to ``max_requeues`` times)."""
+
+    # "precompute": the latent cache as a job array of array_tasks tasks; "eval": an evaluation
+    # watcher beside training (slurm/eval_watch.sbatch: python -m eval.run watch=true on the run's checkpoints)
+    job: str = "train"
+    array_tasks: int = 8
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0: CPU tasks
+    tasks_per_node: Optional[int] = None  # default: one per GPU (1 without GPUs)
+    cpus_per_task: int = 8
+    mem: Optional[str] = None  # e.g. "0" (all of the node's memory), "200G"
+    time: str = "24:00:00"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    job_name: Optional[str] = None  # default: the experiment name
+    signal: str = "USR1"  # sent to every task signal_seconds before the time limit
+    signal_seconds: int = 90
+    max_requeues: int = 100
+    log_dir: Optional[str] = None  # default: <run_dir>/slurm
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, venv, ...)
+    extra_directives: list[str] = field(default_factory=list)  # e.g. ["--exclusive", "--constraint=h100"]
+    python: Optional[str] = None  # interpreter on the nodes; default: the one running trainer.submit
+    dry_run: bool = False  # print the sbatch script instead of submitting it
+
+    def __post_init__(self) -> None:
+        if self.job not in SLURM_JOBS:
+            raise invalid("slurm.job", self.job, f"one of {SLURM_JOBS}")
+        check_int("slurm.array_tasks", self.array_tasks, 1)
+        check_int("slurm.nodes", self.nodes, 1)
+        check_int("slurm.gpus_per_node", self.gpus_per_node, 0)
+        if self.tasks_per_node is not None:
+            check_int("slurm.tasks_per_node", self.tasks_per_node, 1)
+        check_int("slurm.cpus_per_task", self.cpus_per_task, 1)
+        if self.signal not in SIGNALS:
+            raise invalid("slurm.signal", self.signal, f"one of {SIGNALS}")
+        check_int("slurm.signal_seconds", self.signal_seconds, 1)
+        check_int("slurm.max_requeues", self.max_requeues, 0)
+        for d in self.extra_directives:
+            if not d.startswith("--"):
+                raise invalid("slurm.extra_directives", d, "sbatch options written as --name[=value]")
+
+    @property
+    def ntasks_per_node(self) -> int:
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+
 
 
 class StopRequest:

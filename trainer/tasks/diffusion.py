@@ -1,0 +1,239 @@
+"""The text-to-image latent diffusion job (``task=diffusion``, the default): the paper's LDM.
+
+The UNet (and, for the paper's 1.45B model, the text transformer trained jointly) is the one DeepSpeed
+engine; the first stage and a frozen text encoder stay outside it. Each micro-batch: caption dropout,
+the latents (cached posteriors or encoded images; a posterior sample), then the objective's timesteps
+and noise - every draw from the sample's own generator, keyed by its global position in the data,
+so a resumed run on any world size sees the same numbers. Evaluation samples the eval protocol with
+the EMA (or live) weights on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from data_pipeline.demo_digits import DigitsDatasetInfo
+from eval.config import EvalConfig
+from eval.protocol import (EvalFailed, build_scorers, load_reference, protocol_prompts, results_record,
+                           run_protocol, sampler_fn, scalar_logs, write_record)
+from trainer.diffusion import DiffusionConfig, SampleGenerators, build_diffusion, drop_conditions
+from trainer.interchange import build_networks
+from trainer.models.autoencoder import DiagonalGaussianDistribution
+from trainer.models.config import ModelConfig
+from trainer.models.text_encoders import build_text_encoder
+from trainer.models.unet import UNetModel
+from trainer.runtime import distributed
+from trainer.runtime.checkpoint import tag_for
+from trainer.runtime.ema import EMA, copy_into
+from trainer.runtime.engine import trainable_parameters
+from trainer.runtime.tracking import RunTracker
+from trainer.tasks.base import MicroBatch, Task, TaskContext
+
+log = logging.getLogger("trainer")
+
+
+class DiffusionTrainModule(nn.Module):
+    """What DeepSpeed wraps: the UNet and, when it is trained jointly (the paper's 1.45B model),
+    the text transformer. ``cond`` is token ids then, else precomputed hidden states. Its attribute
+    names are the ``unet.`` / ``text_encoder.`` prefixes of the saved weights."""
+
+    def __init__(self, unet: nn.Module, text_encoder: Optional[nn.Module]) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        context = self.text_encoder(cond) if self.text_encoder is not None else cond  # (B, L, D)
+        return self.unet(x_t, t, context.to(x_t.dtype))  # (B, C, h, w)
+
+
+def load_trained_weights(unet: nn.Module, text_encoder: nn.Module, weights: dict[str, torch.Tensor], *,
+                         text_trainable: bool, what: str) -> None:
+    """Copy the ``unet.*`` / ``text_encoder.*`` tensors of ``weights`` (names of ``DiffusionTrainModule``:
+    EMA or consolidated live weights) into whole, unpartitioned networks."""
+    copy_into(unet, {k: v.float() for k, v in weights.items() if k.startswith("unet.")}, prefix="unet")
+    text = {k: v.float() for k, v in weights.items() if k.startswith("text_encoder.")}
+    if text:
+        copy_into(text_encoder, text, prefix="text_encoder")
+    elif text_trainable:
+        raise ValueError(f"{what} has no text_encoder.* weights but model.text_encoder is trainable")
+
+
+class DiffusionTask(Task):
+    def __init__(self, ctx: TaskContext, *, model: ModelConfig, diffusion: DiffusionConfig, eval_cfg: EvalConfig,
+                 sample_posterior: bool, image_size: int, example_captions: Callable[[int], list[str]],
+                 digits: Optional[DigitsDatasetInfo] = None,
+                 reference_storage_options: Callable[[str], dict[str, Any]] = lambda url: {},
+                 check_first_stage: Callable[[nn.Module], None] = lambda first_stage: None) -> None:
+        """``check_first_stage`` runs on the built first stage before any engine is built (training from
+        a latent cache checks the cache's manifest against it)."""
+        self.ctx, self.model_cfg, self.eval_cfg = ctx, model, eval_cfg
+        self.sample_posterior = sample_posterior
+        self.cond_drop_prob = diffusion.cond_drop_prob
+        parts = build_networks(model, ctx.seed)  # seeded: identical initial weights on every rank
+        self.tokenizer = parts.tokenizer
+        self.diffusion = build_diffusion(diffusion)
+        self.text_trainable = parts.text_encoder_trainable
+        module = DiffusionTrainModule(parts.unet, parts.text_encoder if self.text_trainable else None)
+        self.frozen_text = None if self.text_trainable else parts.text_encoder.to(ctx.device).eval()
+        self.first_stage = parts.first_stage.to(ctx.device).eval()
+        check_first_stage(self.first_stage)
+        self.engine, self.optimizer = ctx.make_engine(module)
+        self.engines = {"model": (self.engine, self.optimizer)}
+        self.summary = (f"{trainable_parameters(module, ctx.zero_stage):,} trainable parameters "
+                        f"(unet{' + text encoder' if self.text_trainable else ''})")
+        self.evaluates_at_end = eval_cfg.kind != "none" or bool(eval_cfg.prompts)
+        self.eval_resolution = eval_cfg.resolution or image_size
+        self._setup_eval(example_captions, digits, reference_storage_options)
+
+    def ema_module(self) -> nn.Module:
+        return self.engine.module
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def micro_batch(self, batch: dict[str, Any], step: int) -> MicroBatch:
+        gens = SampleGenerators(self.ctx.seed, batch["positions"])
+        captions = drop_conditions(batch["captions"], self.cond_drop_prob, gens)
+        with torch.no_grad():
+            x0 = self._latents(batch, gens)  # (B, C, h, w)
+        cond = self._condition(captions)
+        losses = self.diffusion.training_losses(self._model_fn, x0, cond, generator=gens)
+        loss = losses["loss"].mean()
+        return MicroBatch(loss=loss, backward={"model": loss})
+
+    def _latents(self, batch: dict[str, Any], gens: SampleGenerators) -> torch.Tensor:
+        """Diffusion latents of the batch: q(z|x) from the latent cache or by encoding the images, a
+        posterior sample (``train.sample_posterior``), then the first stage's scale and shift."""
+        device = self.ctx.device
+        if "latent_mean" not in batch:
+            posterior = self.first_stage.encode(batch["images"].to(device))  # images (B, 3, H, W) in [-1, 1]
+        else:
+            mean = batch["latent_mean"].to(device)
+            logvar = batch.get("latent_logvar")
+            if logvar is None:  # a cache of means only: the posterior's mode
+                posterior = DiagonalGaussianDistribution(torch.cat([mean, torch.zeros_like(mean)], 1),
+                                                         deterministic=True)
+            else:
+                posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar.to(device)], 1))
+        z = posterior.mean
+        if not posterior.deterministic and self.sample_posterior:
+            z = z + posterior.std * gens.randn(tuple(z.shape[1:])).to(z)
+        return self.first_stage.to_latent(z).float()
+
+    def _condition(self, captions: list[str]) -> torch.Tensor:
+        """Token ids for a jointly trained text encoder, else the frozen encoder's hidden states."""
+        tokens = self.tokenizer(captions).to(self.ctx.device)  # (B, L)
+        if self.text_trainable:
+            return tokens
+        with torch.no_grad():
+            return self.frozen_text(tokens).to(self.ctx.dtype)  # (B, L, D)
+
+    def _model_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.engine(x_t.to(self.ctx.dtype), t, cond)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _setup_eval(self, example_captions: Callable[[int], list[str]], digits: Optional[DigitsDatasetInfo],
+                    reference_storage_options: Callable[[str], dict[str, Any]]) -> None:
+        """The protocol's prompts, scorers (weights from local paths) and, on rank 0, the reference
+        statistics: built before training, so a missing file fails before the first step."""
+        cfg = self.eval_cfg
+        self.eval_prompts, self.eval_labels = protocol_prompts(cfg, example_captions)
+        classifier = str(digits.classifier_path) if digits is not None else None
+        self.scorers = build_scorers(cfg, digit_classifier_path=classifier, device=self.ctx.device)
+        self.reference, self.reference_info = None, None
+        if self.ctx.rank == 0 and self.scorers.extractor is not None:
+            default = digits.val_url if digits is not None else None
+            source = cfg.reference or default
+            self.reference, self.reference_info = load_reference(
+                cfg, self.scorers.extractor, resolution=self.eval_resolution, default=default,
+                storage_options=reference_storage_options(source) if source else None)
+            if self.reference is not None:
+                log.info("eval reference statistics: %s", self.reference_info)
+
+    def _sampling_networks(self, ema: Optional[EMA]) -> tuple[nn.Module, nn.Module]:
+        """Whole, unpartitioned copies of the UNet and text encoder holding the EMA (default) or the
+        live weights, on this rank (collective under ZeRO-3)."""
+        if ema is not None and self.eval_cfg.use_ema:
+            weights = ema.state_dict()
+        elif self.ctx.zero_stage == 3:
+            weights = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            weights = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
+        unet = UNetModel(self.model_cfg.unet)
+        text = (build_text_encoder(self.model_cfg.text_encoder, build_tokenizer=False)[0] if self.text_trainable
+                else self.frozen_text)
+        load_trained_weights(unet, text, weights, text_trainable=self.text_trainable, what="the trained weights")
+        return unet.to(self.ctx.device).eval(), text.to(self.ctx.device).eval()
+
+    def evaluate(self, step: int, *, tracker: RunTracker, ema: Optional[EMA], checkpoint_dir: str,
+                 run_id: str) -> dict[str, Any]:
+        """Run the eval protocol on every rank (each samples its share with the EMA weights), log the
+        metrics and a grid per guidance scale, and write the results JSON beside the checkpoints.
+        A failure is logged and reported in the results; training goes on."""
+        cfg = self.eval_cfg
+        unet, text = self._sampling_networks(ema)
+        device = self.ctx.device
+
+        def encode(prompts: list[str]) -> torch.Tensor:
+            return text(self.tokenizer(prompts).to(device))
+
+        generate = sampler_fn(unet, encode, self.first_stage, self.diffusion.schedule,
+                              latent_shape=self.model_cfg.latent_shape(self.eval_resolution),
+                              sampler=cfg.sampler, num_steps=cfg.num_steps, device=device)
+        weights = "ema" if (ema is not None and cfg.use_ema) else "live"
+        head: dict[str, Any] = {"eval/step": step, "eval/sampler": cfg.sampler, "eval/num_steps": cfg.num_steps,
+                                "eval/guidance_scales": cfg.guidance_scales, "eval/weights": weights,
+                                "eval/num_samples": len(self.eval_prompts)}
+        try:
+            result = run_protocol(cfg, generate, self.eval_prompts, scorers=self.scorers,
+                                  reference_stats=self.reference, labels=self.eval_labels, rank=self.ctx.rank,
+                                  world_size=self.ctx.world_size, gather=distributed.all_gather_object)
+        except EvalFailed as e:  # raised on every rank together
+            log.error("evaluation at step %d failed; training continues: %s", step, e)
+            tracker.log_scalars(step, {"eval/failed": 1})
+            return {**head, "eval/error": str(e)}
+        out = dict(head)
+        if self.ctx.rank == 0:
+            source = {"checkpoint": checkpoint_dir, "tag": tag_for(step), "step": step, "weights": weights,
+                      "run_id": run_id}
+            try:
+                out.update(self._report(result, step, tracker, source, checkpoint_dir))
+            except Exception as e:  # noqa: BLE001 - a broken report (disk, W&B) never stops training
+                log.exception("writing the evaluation of step %d failed; training continues", step)
+                out["eval/error"] = f"{type(e).__name__}: {e}"
+        distributed.barrier()
+        return out
+
+    def _report(self, result: dict[str, Any], step: int, tracker: RunTracker, source: dict[str, Any],
+                checkpoint_dir: str) -> dict[str, Any]:
+        scalars = scalar_logs(result)
+        tracker.log_scalars(step, scalars)
+        out: dict[str, Any] = dict(scalars)
+        shown = result["prompts_shown"]
+        for i, (scale, grid) in enumerate(result["grids"].items()):
+            key = "samples" if len(result["grids"]) == 1 else f"samples_g{scale:g}"
+            path = tracker.log_images(step, key, torch.from_numpy(grid).float(), shown[:len(grid)],
+                                      value_range=(0.0, 255.0))
+            if i == 0:
+                out["eval/grid"] = str(path)
+        record = results_record(self.eval_cfg, result, scorers=self.scorers, reference_info=self.reference_info,
+                                source=source, resolution=self.eval_resolution)
+        out["eval/json"] = write_record(record, f"{checkpoint_dir.rstrip('/')}/eval/{tag_for(step)}.json")
+        return out
+
+    def final_report(self, last_eval: dict[str, Any], checkpoint_dir: str, latest_tag: Optional[str]) -> list[str]:
+        lines = []
+        if "eval/fid" in last_eval:
+            lines.append(f"FID:             {last_eval['eval/fid']:.3f} ({self.eval_cfg.feature_kind} features, "
+                         f"{last_eval['eval/num_samples']} samples, guidance {self.eval_cfg.guidance_scales[0]:g}; "
+                         f"all results: {last_eval.get('eval/json')})")
+        if "eval/digit_accuracy" in last_eval:
+            lines.append(f"digit accuracy:  {last_eval['eval/digit_accuracy']:.1%} of samples recognised as "
+                         f"the prompted digit (chance 10%)")
+        return lines
+
