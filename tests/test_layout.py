@@ -19,7 +19,7 @@ FORBIDDEN_IMPORTS = ("torch.distributed", "deepspeed")
 # layer's own imports a DAG). The first matching prefix decides a module's layer.
 LAYERS = [
     ("library", ("trainer", "data_pipeline", "eval")),  # the packages' own __init__ (exact names only)
-    ("library", ("trainer.checks", "trainer.images", "trainer.models", "trainer.diffusion", "trainer.sampling",
+    ("library", ("trainer.checks", "trainer.flops", "trainer.images", "trainer.models", "trainer.diffusion", "trainer.sampling",
                  "trainer.convert", "trainer.zero_memory", "trainer.autoencoder_loss", "trainer.interchange")),
     ("runtime", ("trainer.runtime",)),
     ("commands", ("trainer.train", "trainer.sample", "trainer.export", "trainer.submit", "trainer.plan",
