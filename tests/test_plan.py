@@ -81,3 +81,27 @@ def test_diffusion_presets_are_valid(preset):
                                               OmegaConf.load(f"conf/diffusion/{preset}.yaml")))
     diffusion = build_diffusion(cfg)
     assert diffusion.schedule.alphas_cumprod.shape == (1000,)
+
+
+def test_plan_prints_flops_per_image_and_throughput_at_mfu(compose):
+    from trainer.flops import diffusion_training_flops
+    from trainer.plan import render_plan
+
+    plan = _plan(compose, "sd_v1", "image_size=512", "mfu=0.5")
+    text = render_plan(plan)
+    flops = diffusion_training_flops(plan.model.unet, plan.model.text_encoder, plan.model.autoencoder, 512,
+                                     cached_latents=True)
+    model_tflop = flops.total.model / 1e12
+    assert f"model FLOPs {model_tflop:.4f} TFLOP per image" in text
+    assert "latent 64x64" in text
+    h100 = next(line for line in text.splitlines() if line.startswith("H100"))
+    assert f"{0.5 * 989 / model_tflop:.1f} img/s" in h100
+    ac = render_plan(_plan(compose, "sd_v1", "activation_checkpointing=all"))
+    assert "activation checkpointing all" in ac
+
+
+@pytest.mark.parametrize("override,key", [("mfu=1.5", "mfu"), ("image_size=0", "image_size"),
+                                          ("activation_checkpointing=some", "activation_checkpointing")])
+def test_plan_flop_settings_are_checked(compose, override, key):
+    with pytest.raises(Exception, match=key):
+        _plan(compose, "tiny", override)

@@ -1,7 +1,8 @@
-"""``python -m trainer.plan model=<preset> [world_size=N] [precision=bf16]``
+"""``python -m trainer.plan model=<preset> [world_size=N] [precision=bf16] [image_size=256] [mfu=0.45]``
 
 Builds every component of a model preset on the meta device (no memory, no weights), prints exact
-parameter counts and the model-state memory per GPU for ZeRO stages 0-3.
+parameter counts, the model-state memory per GPU for ZeRO stages 0-3, and the training FLOPs per image
+with the images/s per GPU they give at ``mfu`` of an A100's, H100's and H200's bf16 peak.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.checks import invalid
+from trainer.flops import PEAK_TFLOPS, PLAN_DEVICES, diffusion_training_flops, images_per_second
 from trainer.models.config import ModelConfig, build_components, count_parameters
+from trainer.runtime.engine import ACTIVATION_CHECKPOINTING
 from trainer.zero_memory import PRECISIONS, STAGES, bytes_per_parameter, zero_model_state_bytes
 
 
@@ -21,8 +25,21 @@ class PlanConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     world_size: int = 1
     precision: str = "bf16"
+    # The FLOP estimate: image side in pixels, the share of peak assumed, the data path and recomputation.
+    image_size: int = 256
+    mfu: float = 0.45
+    cached_latents: bool = True  # a latent cache (data.latent_cache): the first stage does not run
+    cached_text: bool = False  # cached text embeddings: a frozen text encoder does not run
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise invalid("image_size", self.image_size, "a positive number of pixels")
+        if not 0.0 < self.mfu <= 1.0:
+            raise invalid("mfu", self.mfu, "a fraction in (0, 1]")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise invalid("activation_checkpointing", self.activation_checkpointing,
+                          f"one of {ACTIVATION_CHECKPOINTING}")
         if self.world_size < 1:
             raise ValueError(f"world_size={self.world_size} must be a positive number of GPUs")
         if self.precision not in PRECISIONS:
@@ -70,7 +87,31 @@ def render_plan(cfg: PlanConfig) -> str:
         m = zero_model_state_bytes(num_trainable, cfg.world_size, stage, cfg.precision)
         lines.append(f"{stage:<7}{_gib(m.params):>14}{_gib(m.grads):>14}{_gib(m.optimizer):>14}"
                      f"{_gib(frozen_bytes):>14}{_gib(m.total + frozen_bytes):>14}")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + render_flops(cfg))
+
+
+def render_flops(cfg: PlanConfig) -> list[str]:
+    """Training FLOPs per image by component and the images/s per GPU at ``cfg.mfu``."""
+    m = cfg.model
+    flops = diffusion_training_flops(m.unet, m.text_encoder, m.autoencoder, cfg.image_size,
+                                     cached_latents=cfg.cached_latents, cached_text=cfg.cached_text,
+                                     checkpointing=cfg.activation_checkpointing)
+    h, w = m.latent_shape(cfg.image_size)[1:]
+    lines = [f"training FLOPs per image at {cfg.image_size} px (latent {h}x{w}; matmul/conv/attention FLOPs, "
+             f"{'latent cache' if cfg.cached_latents else 'images encoded each step'}, activation checkpointing "
+             f"{cfg.activation_checkpointing})",
+             f"{'component':<14}{'forward':>12}{'backward':>12}{'recompute':>12}{'total':>12}  (TFLOP)"]
+    for name, f in (("unet", flops.unet), ("text_encoder", flops.text_encoder), ("first_stage", flops.first_stage),
+                    ("total", flops.total)):
+        lines.append(f"{name:<14}{f.forward / 1e12:>12.4f}{f.backward / 1e12:>12.4f}{f.recompute / 1e12:>12.4f}"
+                     f"{f.hardware / 1e12:>12.4f}")
+    model_flops = flops.total.model
+    lines += ["", f"images/s per GPU at {cfg.mfu:.0%} MFU (model FLOPs {model_flops / 1e12:.4f} TFLOP per image; "
+                  f"dense bf16 peak)"]
+    for device in PLAN_DEVICES:
+        peak = PEAK_TFLOPS[device]
+        lines.append(f"{device:<7}{peak:>6.0f} TFLOP/s  {images_per_second(model_flops, peak, cfg.mfu):>9.1f} img/s")
+    return lines
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="plan")
