@@ -277,22 +277,24 @@ class TrainingFlops:
 
 
 def diffusion_training_flops(unet: UNetConfig, text_encoder: TextEncoderConfig, autoencoder: AutoencoderConfig,
-                             image_size: int, *, cached_latents: bool, cached_text: bool = False,
+                             height: int, width: int | None = None, *, cached_latents: bool, cached_text: bool = False,
                              checkpointing: str = "none") -> TrainingFlops:
-    """One sample of a text-to-image training step at ``image_size`` px: the UNet forward and backward,
-    the text encoder (forward and backward when trained jointly, forward when frozen, nothing when its
-    outputs are cached) and the first stage's encoder (nothing when training from a latent cache)."""
+    """One sample of a text-to-image training step on a ``height x width`` image (``width`` defaults to
+    ``height``): the UNet forward and backward, the text encoder (forward and backward when trained
+    jointly, forward when frozen, nothing when its outputs are cached) and the first stage's encoder
+    (nothing when training from a latent cache)."""
+    width = height if width is None else width
     f = autoencoder.downsample_factor
-    if image_size % f:
-        raise ValueError(f"image_size={image_size} is not divisible by the first stage's downsampling {f}")
+    if height % f or width % f:
+        raise ValueError(f"image {height}x{width} is not divisible by the first stage's downsampling {f}")
     text_grad = text_encoder.kind == "ldm_bert" and text_encoder.trainable
-    u = unet_flops(unet, image_size // f, image_size // f, text_encoder.max_length, context_grad=text_grad,
+    u = unet_flops(unet, height // f, width // f, text_encoder.max_length, context_grad=text_grad,
                    checkpointing=checkpointing)
     if cached_text and not text_grad:
         text = Flops()
     else:
         text = text_encoder_flops(text_encoder, checkpointing=False)
-    first = Flops() if cached_latents else first_stage_flops(autoencoder, image_size, image_size)[0]
+    first = Flops() if cached_latents else first_stage_flops(autoencoder, height, width)[0]
     return TrainingFlops(unet=u, text_encoder=text, first_stage=first)
 
 

@@ -43,6 +43,9 @@ class TrainLoopConfig:
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     # Draw z ~ q(z|x) (CompVis' LatentDiffusion does); false trains on the posterior mean.
     sample_posterior: bool = True
+    # The device's dense bf16 peak in TFLOP/s for MFU; 0 takes it from trainer.flops.PEAK_TFLOPS by the
+    # GPU's name (no MFU on the CPU unless set).
+    peak_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("train.max_steps", self.max_steps, 1)
@@ -53,6 +56,8 @@ class TrainLoopConfig:
             raise invalid("train.device", self.device, f"one of {DEVICES}")
         check_int("train.max_consecutive_nan_steps", self.max_consecutive_nan_steps, 1)
         check_int("train.num_threads", self.num_threads, 0)
+        if not (isinstance(self.peak_tflops, (int, float)) and self.peak_tflops >= 0):
+            raise invalid("train.peak_tflops", self.peak_tflops, "a number >= 0 (0: from the device's name)")
 
     def gradient_accumulation(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -85,6 +90,7 @@ class Cadence:
     ema_update_every: int = 1
     requeue_signal: str = "SIGUSR1"  # the scheduler's time-limit signal: checkpoint, stop, requeue
     max_requeues: int = 100
+    peak_tflops: Optional[float] = None  # per device, for MFU (None: MFU not logged)
 
     @property
     def stop_signals(self) -> tuple[str, ...]:
@@ -118,7 +124,8 @@ class StepResult:
     skipped: bool  # non-finite somewhere: no optimizer step, no EMA update
     stopping: bool  # a stop signal reached some rank
     requeue: bool  # ... and it was the scheduler's time-limit signal
-    seconds: float
+    seconds: float  # the step alone: evaluation and checkpoints are outside it
+    flops: int = 0  # model FLOPs of this rank's micro-batches
 
 
 class TrainLoop:
@@ -131,6 +138,9 @@ class TrainLoop:
         self.task, self.batches, self.store, self.ema = task, batches, store, ema
         self.cadence, self.run, self.paths, self.device, self.rank = cadence, run, paths, device, rank
         self.step = self.samples_seen = self.nan_steps = self.consecutive_nan = 0
+        # This session's time inside train_step and this rank's model FLOPs there: throughput excludes
+        # evaluation, checkpoints and start-up.
+        self.train_seconds, self.train_flops = 0.0, 0
         self.run_id: Optional[str] = None
         self.tracker: Optional[RunTracker] = None
 
@@ -180,8 +190,10 @@ class TrainLoop:
         inject = self.step in self.cadence.inject_nan_at_steps
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         term_sums: dict[str, torch.Tensor] = {}
+        flops = 0
         for i, batch in enumerate(batches):
             out = self.task.micro_batch(batch, self.step)
+            flops += out.flops
             loss, backward = out.loss, out.backward
             if inject:  # rehearses the NaN policy end to end
                 loss = loss * float("nan")
@@ -201,7 +213,9 @@ class TrainLoop:
             optimizer.skip_next_step = skipped
             engine.step()  # the accumulation boundary: clip, optimizer step (or none), zero grads
             optimizer.skip_next_step = False
-        result = StepResult(loss_mean, terms, skipped, stopping, requeue, time.time() - t0)
+        result = StepResult(loss_mean, terms, skipped, stopping, requeue, time.time() - t0, flops)
+        self.train_seconds += result.seconds
+        self.train_flops += flops
         self.step += 1
         self.samples_seen += self.cadence.global_batch_size
         self._after_step(result)
@@ -239,14 +253,26 @@ class TrainLoop:
             return
         engine = self.task.main_engine
         scalars = {**self.task.log_scalars(result.loss, result.terms, self.step), "lr": engine.get_lr()[0],
-                   "step_time_s": result.seconds, "samples_per_s": self.cadence.global_batch_size / result.seconds,
-                   "samples_seen": self.samples_seen, "nan_steps": self.nan_steps, "mem_gb": peak_memory_gb(self.device)}
+                   "step_time_s": result.seconds, "samples_seen": self.samples_seen, "nan_steps": self.nan_steps,
+                   "mem_gb": peak_memory_gb(self.device),
+                   **self._throughput(self.cadence.global_batch_size, result.flops, result.seconds)}
         skipped = self.batches.skip_counts(self.device)  # a logging step's collective
         scalars.update({f"data/skipped_{r}": n for r, n in skipped.items() if n})
         norm = engine.get_global_grad_norm()
         if norm is not None and not result.skipped:
             scalars["grad_norm"] = float(norm)  # a logging step's host read
         self.tracker.log_scalars(self.step, scalars)
+
+    def _throughput(self, samples: int, flops: int, seconds: float) -> dict[str, float]:
+        """samples/s over the job and per device; with FLOPs counted, achieved TFLOP/s per device and MFU."""
+        if seconds <= 0:
+            return {}
+        out = {"samples_per_s": samples / seconds, "samples_per_s_per_device": samples / self.run.world_size / seconds}
+        if flops:
+            out["tflops_per_device"] = flops / seconds / 1e12
+            if self.cadence.peak_tflops:
+                out["mfu"] = out["tflops_per_device"] / self.cadence.peak_tflops
+        return out
 
     def evaluate(self) -> dict[str, Any]:
         return self.task.evaluate(self.step, tracker=self.tracker, ema=self.ema,
@@ -320,10 +346,16 @@ class TrainLoop:
     def _write_metrics(self, start_step: int, elapsed: float, finished: bool, last_eval: dict[str, Any]) -> None:
         steps = self.step - start_step
         tracker, paths = self.tracker, self.paths
+        throughput = self._throughput(steps * self.cadence.global_batch_size, self.train_flops, self.train_seconds)
         metrics = {"experiment": self.run.experiment, "finished": finished, "step": self.step,
                    "samples_seen": self.samples_seen, "nan_steps": self.nan_steps,
                    "steps_this_session": steps, "seconds_this_session": elapsed,
-                   "samples_per_second": steps * self.cadence.global_batch_size / elapsed if elapsed > 0 else None,
+                   # Throughput over the training steps alone (evaluation and checkpoints excluded).
+                   "train_seconds_this_session": self.train_seconds,
+                   "samples_per_second": throughput.get("samples_per_s"),
+                   "samples_per_second_per_device": throughput.get("samples_per_s_per_device"),
+                   "tflops_per_device": throughput.get("tflops_per_device"), "mfu": throughput.get("mfu"),
+                   "peak_tflops_per_device": self.cadence.peak_tflops,
                    "wandb_run_id": self.run_id, "wandb_mode": tracker.wandb_mode,
                    "world_size": self.run.world_size, "zero_stage": self.run.zero_stage,
                    **{k.replace("eval/", "eval_"): v for k, v in last_eval.items()}}

@@ -33,7 +33,7 @@ from trainer.images import atomic_write_bytes
 from trainer.loop import Cadence, RunInfo, RunPaths, TrainLoop
 from trainer.runtime import distributed
 from trainer.runtime.checkpoint import CheckpointStore, find_resume_point, needs_universal
-from trainer.runtime.device import prepare_process, select_device
+from trainer.runtime.device import device_peak_tflops, prepare_process, select_device
 from trainer.runtime.ema import EMA
 from trainer.runtime.engine import initialize
 from trainer.runtime.tracking import RunTracker, new_run_id, redact
@@ -103,7 +103,7 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
         max_consecutive_nan_steps=cfg.train.max_consecutive_nan_steps,
         inject_nan_at_steps=frozenset(cfg.train.inject_nan_at_steps), ema_start_step=cfg.ema.start_step,
         ema_update_every=cfg.ema.update_every, requeue_signal="SIG" + cfg.slurm.signal,
-        max_requeues=cfg.slurm.max_requeues)
+        max_requeues=cfg.slurm.max_requeues, peak_tflops=device_peak_tflops(device, cfg.train.peak_tflops))
     run = RunInfo(experiment=cfg.experiment, world_size=env.world_size, zero_stage=cfg.deepspeed.zero_stage,
                   precision=cfg.deepspeed.precision, config=redact(config_dict),
                   config_fingerprint=config_fingerprint(config_dict))

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from trainer.checks import invalid
+from trainer.flops import peak_tflops_for
 
 DEVICES = ("auto", "cpu", "cuda")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -58,3 +59,13 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def device_peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
+    """The dense bf16 peak MFU is measured against: ``override`` (``train.peak_tflops``) when set, else
+    the table entry for this GPU's name; None on the CPU or an unlisted GPU (MFU is then not logged)."""
+    if override > 0:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    return peak_tflops_for(torch.cuda.get_device_name(device))

@@ -8,6 +8,7 @@ Everything a run writes lives under its run directory:
     <run_dir>/wandb/offline-run-<time>-<id>/     W&B's own files (`wandb sync` uploads an offline one later)
 
 The scalar names the console line knows (`CONSOLE_FIELDS`) are loss, lr, grad_norm, samples_per_s,
+tflops_per_device, mfu,
 step_time_s and mem_gb; any other key is appended as `key=value`. With `logging.progress_bar` and a TTY
 on stderr, the tracker also draws the tqdm bar, advanced by `log_scalars`.
 """
@@ -237,6 +238,8 @@ CONSOLE_FIELDS = (
     (("lr",), "lr", "{:.2e}"),
     (("grad_norm",), "grad_norm", "{:.3g}"),
     (("samples_per_s", "samples/s"), "samples/s", "{:.1f}"),
+    (("tflops_per_device",), "TFLOP/s/device", "{:.3g}"),
+    (("mfu",), "MFU", "{:.1%}"),
     (("step_time_s", "step_time"), "step_time", "{:.3f}s"),
     (("mem_gb",), "mem", "{:.1f}GB"),
 )

@@ -43,11 +43,14 @@ class TaskContext:
 class MicroBatch:
     """One micro-batch's result. ``loss`` is what the loop logs as ``loss``; ``backward`` maps an engine's
     name to the loss it backpropagates (an engine that sits this micro-batch out is absent); ``terms``
-    are more scalars to log (detached, 0-dim). A non-finite ``loss`` or term on any rank skips the step."""
+    are more scalars to log (detached, 0-dim). A non-finite ``loss`` or term on any rank skips the step.
+    ``flops``: the micro-batch's model FLOPs on this rank (``trainer.flops``; 0 when the task does not count
+    them), a host-side number computed from shapes, so throughput costs no sync."""
 
     loss: torch.Tensor
     backward: dict[str, torch.Tensor]
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    flops: int = 0
 
 
 @dataclass

@@ -21,6 +21,7 @@ from eval.config import EvalConfig
 from eval.protocol import (EvalFailed, build_scorers, load_reference, protocol_prompts, results_record,
                            run_protocol, sampler_fn, scalar_logs, write_record)
 from trainer.diffusion import DiffusionConfig, SampleGenerators, build_diffusion, drop_conditions
+from trainer.flops import diffusion_training_flops
 from trainer.interchange import build_networks
 from trainer.models.autoencoder import DiagonalGaussianDistribution
 from trainer.models.config import ModelConfig
@@ -74,6 +75,7 @@ class DiffusionTask(Task):
         self.ctx, self.model_cfg, self.eval_cfg = ctx, model, eval_cfg
         self.sample_posterior = sample_posterior
         self.cond_drop_prob = diffusion.cond_drop_prob
+        self._flops_cache: dict[tuple[int, int, bool], int] = {}
         parts = build_networks(model, ctx.seed)  # seeded: identical initial weights on every rank
         self.tokenizer = parts.tokenizer
         self.diffusion = build_diffusion(diffusion)
@@ -103,7 +105,18 @@ class DiffusionTask(Task):
         cond = self._condition(captions)
         losses = self.diffusion.training_losses(self._model_fn, x0, cond, generator=gens)
         loss = losses["loss"].mean()
-        return MicroBatch(loss=loss, backward={"model": loss})
+        flops = x0.shape[0] * self._flops_per_sample(*x0.shape[-2:], cached_latents="latent_mean" in batch)
+        return MicroBatch(loss=loss, backward={"model": loss}, flops=flops)
+
+    def _flops_per_sample(self, height: int, width: int, *, cached_latents: bool) -> int:
+        """Model FLOPs of one sample at this latent size (one entry per aspect bucket); recomputation by
+        activation checkpointing is not model FLOPs (MFU, PaLM App. B)."""
+        key = (height, width, cached_latents)
+        if key not in self._flops_cache:
+            m, f = self.model_cfg, self.model_cfg.autoencoder.downsample_factor
+            self._flops_cache[key] = diffusion_training_flops(
+                m.unet, m.text_encoder, m.autoencoder, height * f, width * f, cached_latents=cached_latents).total.model
+        return self._flops_cache[key]
 
     def _latents(self, batch: dict[str, Any], gens: SampleGenerators) -> torch.Tensor:
         """Diffusion latents of the batch: q(z|x) from the latent cache or by encoding the images, a
