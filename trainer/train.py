@@ -95,7 +95,8 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
                       load_universal=load_universal, saved_world_size=point.state["world_size"] if point else None)
     task = build_task(cfg, ctx, batches, digits)
     ema_module = task.ema_module() if cfg.ema.enabled else None
-    ema = EMA(ema_module, cfg.ema.decay, warmup=cfg.ema.warmup) if ema_module is not None else None
+    ema = (EMA(ema_module, cfg.ema.decay, warmup=cfg.ema.warmup, optimizer=task.main_engine.optimizer)
+           if ema_module is not None else None)
     cadence = Cadence(
         max_steps=cfg.train.max_steps, global_batch_size=cfg.train.global_batch_size,
         checkpoint_interval_steps=cfg.checkpoint.interval_steps, keep_last=cfg.checkpoint.keep_last,

@@ -479,10 +479,11 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place on the tensor's device (no copy to the host); returns ``values``."""
+def all_reduce_sum_(values: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over the ranks of ``group`` (default: all), in place on the tensor's device (no copy to the
+    host); returns ``values``."""
     if _active():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
     return values
 
 

@@ -171,7 +171,7 @@ def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int, gradient_ac
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
-        # DeepSpeed vets optimizers by class; ours is torch's AdamW / its FusedAdam with a skip switch.
+        # DeepSpeed vets optimizers by class; ours is torch's AdamW (fused on CUDA) with a skip switch.
         "zero_allow_untested_optimizer": True,
     }
     return config
@@ -212,19 +212,19 @@ class SkippableAdamW(_SkippableStep, torch.optim.AdamW):
     pass
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeed's fused kernel on CUDA, torch's on CPU (DeepSpeed's CPU Adam would compile
-    an extension for a minute at every fresh start)."""
+def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, device: torch.device, *,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """torch's AdamW, handed to DeepSpeed as a client optimizer (it steps DeepSpeed's fp32 masters).
+
+    ``fused`` (default: on CUDA) is torch's single-kernel AdamW (``fused=True``): shipped compiled with
+    torch, so nothing is JIT-built at start (DeepSpeed's FusedAdam needs a CUDA toolkit on the node and
+    compiles for a minute). Otherwise the per-tensor loop (``foreach=False``): the update order and
+    rounding of the reference loop on every stage, which the CPU parity tests rely on.
+    """
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if device.type == "cuda":
-        # Imported here: deepspeed reads DS_ACCELERATOR at import and takes seconds to import.
-        from deepspeed.ops.adam import FusedAdam
-
-        class SkippableFusedAdam(_SkippableStep, FusedAdam):
-            pass
-
-        return SkippableFusedAdam(groups, adam_w_mode=True, **kwargs)
-    # foreach=False: the same update order and rounding as the reference loop on every stage.
+    use_fused = device.type == "cuda" if fused is None else fused
+    if use_fused:
+        return SkippableAdamW(groups, fused=True, **kwargs)
     return SkippableAdamW(groups, foreach=False, **kwargs)
 
 
@@ -260,7 +260,7 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 
 def initialize(module: nn.Module, trainable: dict[str, nn.Module], *, ds: DeepSpeedConfig, optim: OptimConfig,
                micro_batch_size: int, gradient_accumulation: int, world_size: int, max_steps: int,
-               device: torch.device, load_universal: bool = False):
+               device: torch.device, load_universal: bool = False, fused_optimizer: bool | None = None):
     """``deepspeed.initialize`` over ``module`` with only ``trainable``'s parameters optimized, after
     ``ds.activation_checkpointing`` is applied to the UNet blocks ``module`` holds.
 
@@ -276,7 +276,7 @@ def initialize(module: nn.Module, trainable: dict[str, nn.Module], *, ds: DeepSp
         apply_activation_checkpointing(module, kinds, UNET_CHECKPOINT_BLOCKS)
     config = deepspeed_config(ds, micro_batch_size=micro_batch_size, gradient_accumulation=gradient_accumulation,
                               world_size=world_size, load_universal=load_universal)
-    optimizer = build_optimizer(parameter_groups(trainable, optim.weight_decay), optim, device)
+    optimizer = build_optimizer(parameter_groups(trainable, optim.weight_decay), optim, device, fused=fused_optimizer)
     scheduler = build_lr_scheduler(optimizer, optim, max_steps)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
