@@ -177,8 +177,8 @@ class _SubStream:
             shards = self.shards(self.cursor.epoch)
             statuses = dict(sorted(((s, self.statuses.count(s)) for s in set(self.statuses)), key=str))
             raise EmptySourceError(
-                f"data source {self.info.name!r} ({self.info.num_shards} shards, e.g. {self.info.urls[0]}): every "
-                f"shard of canonical stream {self.stream}/{self.num_streams} failed in {self.empty_passes} passes "
+                f"data source {self.info.name!r} ({self.info.num_shards} shards, e.g. {self.info.urls[0]}) gave no "
+                f"usable sample: every shard of canonical stream {self.stream}/{self.num_streams} failed in {self.empty_passes} passes "
                 f"in a row ({len(shards)} shard(s) a pass, e.g. {self.info.urls[shards[0]] if shards else '-'}; "
                 f"shard ends: {statuses}); check the URLs, the credentials and data.retry")
         self.raw_in_pass = 0
@@ -461,7 +461,10 @@ class StreamingBatches:
         self.stop_requested, self.poll_s = stop_requested, poll_s
         self.position = Position(spec.sources, seed=spec.seed, mode=spec.mode,
                                  num_streams=spec.num_streams or world_size * self.readers, unit_size=spec.batch_size)
-        self._check_layout()
+        # A resume takes the number of streams from its position; a fresh start is checked before its
+        # first batch (``_start``), and here when data.num_streams names it.
+        if spec.num_streams:
+            self._check_layout()
         self._loader = None
         self._iter: Optional[Iterator[dict[str, Any]]] = None
         self._stash: dict[int, deque] = defaultdict(deque)  # units of other workers, received early
@@ -505,6 +508,9 @@ class StreamingBatches:
             log.warning("data.reset_position=true: the data starts afresh at epoch 0")
             return
         self.position.load_state(state)
+        if self.spec.num_streams and self.spec.num_streams != self.num_streams:
+            log.warning("data.num_streams=%d is ignored: the position was started with %d canonical streams, "
+                        "which a resumed run keeps", self.spec.num_streams, self.num_streams)
         self._check_layout()
         consumed = self.position.units_consumed
         assert consumed % self.world_size == 0, (consumed, self.world_size)
@@ -533,6 +539,7 @@ class StreamingBatches:
     # -- batches
 
     def _start(self) -> None:
+        self._check_layout()
         plan = ReaderPlan(self.num_streams, self.rank, self.world_size, self.readers, self._m)
         dataset = ShardStream(self.spec, plan, self.position.cursors)
         kwargs: dict[str, Any] = {}
