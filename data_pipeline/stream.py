@@ -30,6 +30,7 @@ from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, Position, Source
 from data_pipeline.shards import RawSample, ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
 from trainer.runtime import distributed
+from trainer.runtime.lifecycle import StopWaiting
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ EMPTY_PASSES_BEFORE_ERROR = 2
 
 class EmptySourceError(RuntimeError):
     """A source yielded no usable sample in whole passes over its shards."""
-
-
-class StopWaiting(RuntimeError):
-    """A stop signal arrived while the data loader was waiting for data."""
 
 
 @dataclass(frozen=True)
@@ -494,6 +491,11 @@ class StreamingBatches:
 
     def example_captions(self, n: int) -> list[str]:
         return self._captions[:n]
+
+    def watch_stop(self, requested: Callable[[], bool]) -> None:
+        """Poll ``requested`` while waiting for data (dataloader workers only: without them the rank
+        itself reads, and a retry's backoff finishes first)."""
+        self.stop_requested = requested
 
     # -- position
 

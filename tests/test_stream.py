@@ -492,3 +492,43 @@ def test_a_wrong_url_fails_before_training_starts(clean, tmp_path: Path) -> None
     assert spec.sources[0].urls == tuple(urls) and spec.batch_size == 4
     with pytest.raises(ValueError, match=r"data.crop='middle' is invalid"):
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), {"crop": "middle"}))
+
+
+def test_a_source_whose_shards_all_fail_fails_the_run_naming_it(tmp_path: Path) -> None:
+    """One dead source among good ones: a clear error naming it, not an endless 'skipped' loop."""
+    good = build_clean_corpus(tmp_path / "good", n_shards=2, per_shard=6)
+    spec = StreamSpec(sources=(SourceInfo("good", tuple(good)), SourceInfo("dead", tuple(_garbage_shards(tmp_path, 2)))),
+                      weights=(1.0, 1.0), image_size=16, batch_size=2, shuffle_buffer=0,
+                      retry=RetryPolicy(max_retries=0))
+    b = StreamingBatches(spec, rank=0, world_size=1, num_workers=1)
+    with pytest.raises(EmptySourceError, match=r"data source 'dead' \(2 shards.*every shard of canonical stream 0/1 "
+                                               r"failed in 2 passes"):
+        for _ in range(50):
+            b.next_batch()
+    b.close()
+
+
+def test_a_stop_signal_ends_the_wait_for_slow_storage(monkeypatch) -> None:
+    """A worker retrying an unreachable S3 endpoint: the stop request is seen at the next poll."""
+    import time
+
+    from trainer.runtime.lifecycle import StopWaiting
+    from s3_server import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    spec = _spec(["s3://nowhere/00000.tar"], retry=RetryPolicy(max_retries=1000, backoff_s=1, max_backoff_s=1),
+                 s3=S3Options(endpoint_url=endpoint, connect_timeout_s=1, max_attempts=1))
+    stop_at = time.monotonic() + 3.0
+    polls = []
+
+    def requested() -> bool:
+        polls.append(time.monotonic())
+        return polls[-1] >= stop_at
+
+    b = StreamingBatches(spec, rank=0, world_size=1, num_workers=1, stop_requested=requested, poll_s=1.0)
+    with pytest.raises(StopWaiting):
+        b.next_batch()
+    b.close()
+    assert len(polls) >= 2  # the wait went on through polls until the stop came
