@@ -72,10 +72,13 @@ class DataConfig:
     seed: int = 0
     mode: str = "epoch"  # epoch | resampled (shards drawn with replacement)
     shuffle_shards: bool = True
-    shuffle_buffer: int = 1000  # raw samples per shuffle window of each canonical stream; 0 = no sample shuffling
+    # Raw samples a reader holds for its shuffle windows (per canonical stream when num_streams is set);
+    # 0 = no sample shuffling. Fixed at the first start with the position.
+    shuffle_buffer: int = 1000
     # Canonical streams of the global sample order (data_pipeline/position.py), fixed at the first start
     # and kept in the position: a resume may use any ranks x workers that divides it. 0 = the first
-    # start's ranks x max(num_workers, 1); a number with many divisors (12, 24, 48) leaves room to rescale.
+    # start's ranks x max(num_workers, 1) x the first of 12, 6, 4, 3, 2, 1 that the smallest source's
+    # shard count allows (room to grow the job later).
     num_streams: int = 0
     num_workers: int = 2  # dataloader workers per rank
     prefetch_factor: int = 2

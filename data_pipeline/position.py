@@ -155,6 +155,26 @@ class StreamCursor:
         return cls(0, [SubCursor() for _ in range(num_sources)], {})
 
 
+STREAMS_PER_READER = (12, 6, 4, 3, 2, 1)  # the default K = readers x the first that fits: room to grow
+
+
+def default_streams(readers: int, min_shards: int) -> int:
+    """``K`` for a first start on ``readers`` readers: a multiple of them with many divisors, so that
+    the run can later grow (or shrink) its ranks x workers, and at most the smallest source's shards."""
+    for f in STREAMS_PER_READER:
+        if readers * f <= min_shards:
+            return readers * f
+    return readers
+
+
+def window_for(shuffle_buffer: int, readers: int, num_streams: int) -> int:
+    """Samples per shuffle window: ``data.shuffle_buffer`` per reader of the first start, shared by the
+    streams each drives (so a reader holds about one buffer of raw samples). With ``data.num_streams``
+    set, ``readers`` is ``num_streams``: the buffer is per stream and the order is the same whatever
+    layout starts the run."""
+    return max(1, -(-shuffle_buffer * readers // num_streams)) if shuffle_buffer > 1 else 1
+
+
 def layouts_for(num_streams: int, max_readers: int = 64) -> list[str]:
     """``ranks x workers`` layouts whose readers divide ``num_streams`` (workers 0 = the rank itself)."""
     out = []
@@ -171,10 +191,10 @@ class Position:
     counts. JSON in checkpoints; every rank holds the cursors of its own streams up to date."""
 
     def __init__(self, sources: Sequence[SourceInfo], *, seed: int, mode: str, num_streams: int,
-                 unit_size: int) -> None:
+                 unit_size: int, window: int = 1) -> None:
         self.sources = list(sources)
         self.seed, self.mode = seed, mode
-        self.num_streams, self.unit_size = num_streams, unit_size
+        self.num_streams, self.unit_size, self.window = num_streams, unit_size, window
         self.units_consumed = 0  # global units [0, units_consumed) are consumed job-wide
         self.cursors = [StreamCursor.fresh(len(self.sources)) for _ in range(num_streams)]
         self.base_skipped: Counter = Counter()  # counted before this session (from the checkpoint)
@@ -200,7 +220,7 @@ class Position:
         """The position; ``owned`` limits the cursors to those streams (a rank's own)."""
         streams = range(self.num_streams) if owned is None else owned
         return {"kind": "stream", "version": STATE_VERSION, "mode": self.mode, "seed": self.seed,
-                "num_streams": self.num_streams, "unit_size": self.unit_size,
+                "num_streams": self.num_streams, "unit_size": self.unit_size, "window": self.window,
                 "units_consumed": self.units_consumed,
                 "sources": {info.name: {"num_shards": info.num_shards, "urls_sha256": info.fingerprint}
                             for info in self.sources},
@@ -238,7 +258,7 @@ class Position:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.check_state(state)
-        self.num_streams = int(state["num_streams"])
+        self.num_streams, self.window = int(state["num_streams"]), int(state["window"])
         self.units_consumed = int(state["units_consumed"])
         self.cursors = [StreamCursor.from_state(state["cursors"][str(k)]) for k in range(self.num_streams)]
         self.base_skipped = Counter(state["skipped"])

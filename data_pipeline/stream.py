@@ -26,7 +26,7 @@ import torch
 from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
 from data_pipeline.latents import cache_shard_urls, decode_sample_parts
 from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, Position, SourceInfo, StreamCursor, SubCursor,
-                                    layouts_for, source_choices, stream_shards, window_order)
+                                    default_streams, layouts_for, window_for, source_choices, stream_shards, window_order)
 from data_pipeline.shards import RawSample, ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
 from trainer.runtime import distributed
@@ -101,13 +101,13 @@ class _SubStream:
     """One source's samples within one canonical stream: passes over its shards, drawn through
     seeded shuffle windows (``position`` module docstring)."""
 
-    def __init__(self, spec: StreamSpec, source: int, stream: int, num_streams: int, cursor: SubCursor,
-                 events: list[tuple]) -> None:
+    def __init__(self, spec: StreamSpec, source: int, stream: int, num_streams: int, window: int,
+                 cursor: SubCursor, events: list[tuple]) -> None:
         self.spec, self.source, self.stream, self.num_streams = spec, source, stream, num_streams
         self.info = spec.sources[source]
         self.cursor = SubCursor(**vars(cursor))
         self.events = events
-        self.window_size = max(spec.shuffle_buffer, 1)
+        self.window_size = window
         self.window: Optional[list[tuple[int, RawSample]]] = None
         self._next_start = (0, 0)
         self._gen: Optional[Iterator[tuple[int, RawSample]]] = None
@@ -206,10 +206,10 @@ class _Stream:
     """One canonical stream: its sources' sub-streams mixed by seeded draws, decoded, grouped by bucket
     into units of ``spec.batch_size`` samples."""
 
-    def __init__(self, spec: StreamSpec, stream: int, num_streams: int, cursor: StreamCursor) -> None:
+    def __init__(self, spec: StreamSpec, stream: int, num_streams: int, window: int, cursor: StreamCursor) -> None:
         self.spec, self.stream = spec, stream
         self.events: list[tuple] = []
-        self.subs = [_SubStream(spec, i, stream, num_streams, cursor.subs[i], self.events)
+        self.subs = [_SubStream(spec, i, stream, num_streams, window, cursor.subs[i], self.events)
                      for i in range(len(spec.sources))]
         self.draws = cursor.draws
         self.good = [0] * len(spec.sources)
@@ -345,6 +345,7 @@ class ReaderPlan:
     and hands out one unit of each in turn."""
 
     num_streams: int
+    window: int  # samples per shuffle window
     rank: int
     world_size: int
     workers: int  # readers of the rank (max(num_workers, 1))
@@ -375,7 +376,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         plan = self.plan
         mine = plan.streams(worker)
-        streams = {k: _Stream(self.spec, k, plan.num_streams, self.cursors[k]) for k in mine}
+        streams = {k: _Stream(self.spec, k, plan.num_streams, plan.window, self.cursors[k]) for k in mine}
         m = plan.first(worker)
         while True:
             k = plan.stream_of(m)
@@ -456,8 +457,11 @@ class StreamingBatches:
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.readers = max(num_workers, 1)
         self.stop_requested, self.poll_s = stop_requested, poll_s
-        self.position = Position(spec.sources, seed=spec.seed, mode=spec.mode,
-                                 num_streams=spec.num_streams or world_size * self.readers, unit_size=spec.batch_size)
+        readers = world_size * self.readers
+        k = spec.num_streams or default_streams(readers, min(info.num_shards for info in spec.sources))
+        self.position = Position(spec.sources, seed=spec.seed, mode=spec.mode, num_streams=k,
+                                 unit_size=spec.batch_size,
+                                 window=window_for(spec.shuffle_buffer, k if spec.num_streams else readers, k))
         # A resume takes the number of streams from its position; a fresh start is checked before its
         # first batch (``_start``), and here when data.num_streams names it.
         if spec.num_streams:
@@ -513,6 +517,8 @@ class StreamingBatches:
         if self.spec.num_streams and self.spec.num_streams != self.num_streams:
             log.warning("data.num_streams=%d is ignored: the position was started with %d canonical streams, "
                         "which a resumed run keeps", self.spec.num_streams, self.num_streams)
+        log.info("data position: %d canonical streams, shuffle windows of %d samples (kept from the first start), "
+                 "%d global units consumed", self.num_streams, self.position.window, self.position.units_consumed)
         self._check_layout()
         consumed = self.position.units_consumed
         assert consumed % self.world_size == 0, (consumed, self.world_size)
@@ -542,7 +548,7 @@ class StreamingBatches:
 
     def _start(self) -> None:
         self._check_layout()
-        plan = ReaderPlan(self.num_streams, self.rank, self.world_size, self.readers, self._m)
+        plan = ReaderPlan(self.num_streams, self.position.window, self.rank, self.world_size, self.readers, self._m)
         dataset = ShardStream(self.spec, plan, self.position.cursors)
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:

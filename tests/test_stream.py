@@ -103,9 +103,14 @@ def mixed(tmp_path_factory) -> list[str]:
 BUCKETS = ((16, 32), (16, 16), (32, 16))  # (h, w)
 
 
-@pytest.mark.parametrize("mode, buckets", [("epoch", False), ("epoch", True), ("resampled", False),
-                                           ("resampled", True)])
-@pytest.mark.parametrize("resume_layout", [(1, 1), (1, 4), (2, 1), (2, 2)], ids=["1x1", "1x4", "2x1", "2x2"])
+FAST_CASES = {("epoch", False, (1, 1)), ("epoch", True, (1, 4)), ("resampled", False, (2, 1)),
+              ("resampled", True, (1, 1))}  # one per mode and bucketing; the other layouts in the slow tier
+
+
+@pytest.mark.parametrize("mode, buckets, resume_layout", [
+    pytest.param(mode, buckets, layout, id=f"{mode}-{'buckets' if buckets else 'square'}-{layout[0]}x{layout[1]}",
+                 marks=() if (mode, buckets, layout) in FAST_CASES else pytest.mark.slow)
+    for mode in ("epoch", "resampled") for buckets in (False, True) for layout in ((1, 1), (1, 4), (2, 1), (2, 2))])
 def test_global_order_is_the_same_whatever_the_layout_and_resumes(mixed, mode, buckets, resume_layout) -> None:
     """2 ranks x 2 workers uninterrupted vs stopped at a random step, resumed on another layout and
     then back on 2 x 2: the same samples in the same order in every global batch, across an epoch
@@ -255,7 +260,7 @@ def test_corrupt_corpus_is_skipped_and_counted_exactly(tmp_path: Path) -> None:
     # Exact counts: one stream, no shuffle, one sample a batch. Epoch 0 closes with the first sample
     # of epoch 1, whose bad predecessors are those before the first sample of epoch 0.
     single = Job(_spec(corpus["urls"], batch_size=1, shuffle_buffer=0, image_keys=("jpg", "png"),
-                       shuffle_shards=False), world=1, workers=0)
+                       shuffle_shards=False, num_streams=1), world=1, workers=0)
     single.step()
     before_first = Counter(single.state()["skipped"])
     while not single.epoch_closed(0):
@@ -501,7 +506,7 @@ def test_a_source_whose_shards_all_fail_fails_the_run_naming_it(tmp_path: Path) 
                       weights=(1.0, 1.0), image_size=16, batch_size=2, shuffle_buffer=0,
                       retry=RetryPolicy(max_retries=0))
     b = StreamingBatches(spec, rank=0, world_size=1, num_workers=1)
-    with pytest.raises(EmptySourceError, match=r"data source 'dead' \(2 shards.*every shard of canonical stream 0/1 "
+    with pytest.raises(EmptySourceError, match=r"data source 'dead' \(2 shards.*every shard of canonical stream 0/2 "
                                                r"failed in 2 passes"):
         for _ in range(50):
             b.next_batch()
