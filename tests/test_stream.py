@@ -537,3 +537,18 @@ def test_a_stop_signal_ends_the_wait_for_slow_storage(monkeypatch) -> None:
         b.next_batch()
     b.close()
     assert len(polls) >= 2  # the wait went on through polls until the stop came
+
+
+def test_s3_run_resumed_on_other_layouts_is_the_local_run(s3_server, mixed) -> None:
+    """Through the S3 server: 2 x 2 stopped, resumed as 1 x 1 and back on 2 x 2 gives the batches an
+    uninterrupted 2 x 2 run on the local copies gives (keys, order, epochs, sample positions)."""
+    from s3_server import make_bucket, s3_storage_options, upload_tree
+
+    make_bucket(s3_server.endpoint_url, "stream-resume")
+    upload_tree(Path(mixed[0]).parent, "s3://stream-resume/shards", s3_storage_options(s3_server.endpoint_url))
+    s3_urls = [f"s3://stream-resume/shards/{Path(u).name}" for u in mixed]
+    local = Job(_spec(mixed, shuffle_buffer=7), 2, 2, global_batch=8).run(10)
+    local.close()
+    got = _stopped_and_resumed(_s3_spec(s3_urls, s3_server.endpoint_url, shuffle_buffer=7), [(2, 2), (1, 1), (2, 2)],
+                               [3, 7], 10, 8)
+    assert got == local.steps
