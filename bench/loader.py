@@ -10,7 +10,8 @@ RGB, resize with bicubic filtering so the shorter side is the target size S (asp
 crop S x S, decode the UTF-8 caption, and stack 32 samples into a ``(B, 3, S, S)`` uint8 tensor.
 
 - ours: ``StreamingBatches(StreamSpec(...), num_workers=0)``, ``Transform(crop="center", draft=True)``,
-  no shuffle buffer and shards in order (so both pipelines see the same samples in the same order).
+  one canonical stream, no shuffle buffer and shards in order (so both pipelines see the same samples
+  in the same order).
 - baseline: ``webdataset.WebDataset(urls, shardshuffle=False).repeat().map(...).batched(32)``; the map
   decodes ``.jpg`` with PIL in full and ``.txt`` by hand (webdataset's ``.decode()`` is not used: its
   default handlers include pickle ones).
@@ -335,7 +336,7 @@ def baseline_batches(urls: list[str], size: int, batch_size: int) -> Iterator[di
 def ours_spec(urls: list[str], size: int, batch_size: int, *, draft: bool = True, s3: S3Options = S3Options(),
               storage_options: dict[str, Any] | None = None) -> StreamSpec:
     return StreamSpec(sources=(SourceInfo("bench", tuple(urls)),), weights=(1.0,), image_size=size,
-                      batch_size=batch_size, shuffle_shards=False, shuffle_buffer=0,
+                      batch_size=batch_size, shuffle_shards=False, shuffle_buffer=0, num_streams=1,
                       transform=Transform(crop="center", draft=draft), s3=s3,
                       storage_options=tuple(sorted((storage_options or {}).items())))
 

@@ -72,7 +72,14 @@ class DataConfig:
     seed: int = 0
     mode: str = "epoch"  # epoch | resampled (shards drawn with replacement)
     shuffle_shards: bool = True
-    shuffle_buffer: int = 1000  # raw samples per reader; 0 = no sample shuffling
+    # Raw samples a reader holds for its shuffle windows (per canonical stream when num_streams is set);
+    # 0 = no sample shuffling. Fixed at the first start with the position.
+    shuffle_buffer: int = 1000
+    # Canonical streams of the global sample order (data_pipeline/position.py), fixed at the first start
+    # and kept in the position: a resume may use any ranks x workers that divides it. 0 = the first
+    # start's ranks x max(num_workers, 1) x the first of 12, 6, 4, 3, 2, 1 that the smallest source's
+    # shard count allows (room to grow the job later).
+    num_streams: int = 0
     num_workers: int = 2  # dataloader workers per rank
     prefetch_factor: int = 2
     crop: str = "center"  # center | random
@@ -113,6 +120,7 @@ class DataConfig:
         if self.mode not in DATA_MODES:
             raise invalid("data.mode", self.mode, f"one of {DATA_MODES}")
         check_int("data.shuffle_buffer", self.shuffle_buffer, 0)
+        check_int("data.num_streams", self.num_streams, 0)
         check_int("data.num_workers", self.num_workers, 0)
         check_int("data.prefetch_factor", self.prefetch_factor, 1)
         if self.crop not in CROPS:

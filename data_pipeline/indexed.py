@@ -155,6 +155,9 @@ class InMemoryBatches:
     def example_captions(self, n: int) -> list[str]:
         return sorted(set(self.samples.captions))[:n]
 
+    def watch_stop(self, requested) -> None:
+        """In-memory data never waits: nothing to poll."""
+
     def load_state_dict(self, state: dict, *, reset: bool = False) -> None:
         """The in-memory order is a function of ``samples_seen``: only check it was saved for this data."""
         if not reset:

@@ -1,31 +1,56 @@
-"""The exact data position of a streaming job: which samples of which epoch have been delivered.
+"""The exact data position of a streaming job, independent of its ranks and workers.
 
-Every sample has an identity ``(source, epoch, shard, index)`` - ``index`` numbers the samples of a
-shard in tar order. The trainer records the identity of each sample it consumes (and of each one
-the workers skipped as bad), so the position is what was *used*, not what workers have read ahead.
-Per open epoch the state keeps a bitmap of finished shards and, for shards under way, the highest
-index reached plus the holes below it (samples still in a shuffle buffer or a worker's prefetch
-queue when the checkpoint was taken; their number is bounded by the buffer sizes).
+The order of samples is a pure function of the data (shard lists, weights, the samples' contents)
+and ``data.seed``, through a fixed number ``K`` of *canonical streams* chosen at the first start
+and stored in the position (``data.num_streams``; 0 = the first start's ``ranks x workers``):
 
-Resuming hands the remaining work of each epoch - partial shards first, then untouched ones, in
-the epoch's seeded shard order - round-robin to the new job's ``ranks x workers`` slots. Each
-remaining sample therefore goes to exactly one slot whatever the new layout, which is what makes a
-resumed epoch deliver every sample exactly once.
+- **Sub-streams.** Canonical stream ``k`` reads, for each source, the shards ``stream_shards``
+  gives it: in epoch ``e`` of ``data.mode=epoch`` every ``K``-th shard of the epoch's seeded shard
+  order, starting at ``k`` (so every shard is read by exactly one stream per epoch); in
+  ``mode=resampled`` pass ``e`` draws ``ceil(num_shards / K)`` shards with replacement from a
+  generator seeded by ``(seed, source, k, e)``.
+- **Windowed shuffle.** The raw samples of one pass of a sub-stream (shards in that order, samples
+  in tar order) are cut into consecutive windows of ``data.shuffle_buffer`` samples (a window
+  never crosses a pass), and window ``w`` is read in the order of a permutation seeded by
+  ``(seed, source, k, e, w)``. The shuffle state is therefore four integers - pass, window, where
+  the window starts (shard of the pass, sample of the shard) - plus the number of samples drawn
+  from it; a resume re-reads that one window and drops what was drawn.
+- **Mixing.** Draw ``t`` of stream ``k`` takes its next raw sample from source ``choose_source(t)``
+  (a seeded categorical draw with the sources' weights).
+- **Units.** Raw samples are decoded; a bad or filtered one yields nothing (that is a function of
+  its bytes, so the stream's sequence stays the same). Each good sample is a unit, or - with
+  aspect buckets - it waits in its bucket's group and a full group of ``micro_batch_size`` samples
+  is one unit. Samples waiting in a group are saved by identity and read again on resume.
+- **Interleave.** Unit ``j`` of stream ``k`` is global unit ``j * K + k``. Optimizer step ``b``
+  consumes global units ``[b * U, (b + 1) * U)`` (``U`` = global batch / unit size), and rank ``r``
+  of ``R`` takes the units ``i`` with ``i % R == r`` - those of its own streams ``{k : k % R == r}``,
+  ``U / R`` of them - in increasing ``i``, cut into its micro-batches.
+- **Readers.** Reader ``q = k % P`` of ``P = ranks x workers`` drives stream ``k`` (rank ``q % R``,
+  worker ``q // R``); ``P`` must divide ``K``. ``StreamingBatches`` refuses other layouts and lists
+  the ones that work.
+
+The position is, per canonical stream, the cursor after its last *consumed* unit (what workers
+read ahead is read again), plus the number of global units consumed: a few hundred bytes per
+stream, whatever the number of shards.
+
+Epochs. Every sample of a source is read exactly once per epoch (a stream's pass over its shards
+is that epoch's share of them). Streams do not wait for each other, so the epochs of different
+streams meet where their shares' sizes meet: when a source's shards hold equal numbers of usable
+samples and their count is a multiple of ``K``, global samples ``[e * N, (e + 1) * N)`` are exactly
+epoch ``e``; otherwise a stream with a smaller share starts its next epoch earlier.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from data_pipeline.shards import ShardTask
-
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 # Reasons a sample or shard is skipped; each is counted, logged and sent to W&B as data/skipped_<reason>.
 SKIP_REASONS = (
@@ -57,91 +82,121 @@ def shard_order(num_shards: int, seed: int, source: int, epoch: int, shuffle: bo
     return np.random.default_rng([seed, source, epoch, 0x5A4D]).permutation(num_shards)
 
 
+def stream_shards(num_shards: int, *, seed: int, source: int, stream: int, num_streams: int, epoch: int,
+                  mode: str, shuffle: bool) -> list[int]:
+    """The shards canonical stream ``stream`` reads, in order, in pass ``epoch`` of ``source``."""
+    if mode == "resampled":
+        count = math.ceil(num_shards / num_streams)
+        rng = np.random.default_rng([seed, source, stream, epoch, 0x5E5])
+        return [int(s) for s in rng.integers(num_shards, size=count)]
+    return [int(s) for s in shard_order(num_shards, seed, source, epoch, shuffle)[stream::num_streams]]
+
+
+def window_order(n: int, *, seed: int, source: int, stream: int, epoch: int, window: int) -> list[int]:
+    """The order in which the ``n`` raw samples of a shuffle window are drawn."""
+    return [int(i) for i in np.random.default_rng([seed, source, stream, epoch, window, 0x3F1]).permutation(n)]
+
+
+SOURCE_BLOCK = 1024  # mixing draws are generated in blocks, so draw t is recomputed from (seed, stream, t)
+
+
+def source_choices(weights: Sequence[float], *, seed: int, stream: int, block: int) -> np.ndarray:
+    """Sources of draws ``[block * SOURCE_BLOCK, (block + 1) * SOURCE_BLOCK)`` of canonical stream ``stream``."""
+    p = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+    return np.random.default_rng([seed, stream, block, 0x313]).choice(len(p), size=SOURCE_BLOCK, p=p)
+
+
 @dataclass
-class ShardProgress:
-    accounted: set[int] = field(default_factory=set)  # delivered or skipped as bad
-    total: int | None = None  # known once the shard has been read to its end
+class SubCursor:
+    """Where a sub-stream (one source within one canonical stream) stands: pass ``epoch``, shuffle
+    window ``window`` starting at sample ``index`` of the pass's shard number ``shard_pos``, of which
+    ``taken`` samples have been drawn."""
 
-    @property
-    def complete(self) -> bool:
-        return self.total is not None and len(self.accounted) >= self.total
+    epoch: int = 0
+    window: int = 0
+    shard_pos: int = 0
+    index: int = 0
+    taken: int = 0
 
-    def to_state(self) -> dict[str, Any]:
-        hi = max(self.accounted) + 1 if self.accounted else 0
-        holes = [i for i in range(hi) if i not in self.accounted]
-        return {"hi": hi, "holes": holes, "total": self.total}
+    def to_state(self) -> list[int]:
+        return [self.epoch, self.window, self.shard_pos, self.index, self.taken]
 
     @classmethod
-    def from_state(cls, s: dict[str, Any]) -> "ShardProgress":
-        holes = set(s["holes"])
-        return cls(accounted={i for i in range(s["hi"]) if i not in holes}, total=s["total"])
+    def from_state(cls, s: Sequence[int]) -> "SubCursor":
+        return cls(*(int(v) for v in s))
+
+
+# A sample waiting in a bucket's group: (source, epoch, shard, index, position).
+Pending = tuple[int, int, int, int, int]
 
 
 @dataclass
-class EpochProgress:
-    num_shards: int
-    done: np.ndarray = None  # (num_shards,) bool
-    partial: dict[int, ShardProgress] = field(default_factory=dict)
+class StreamCursor:
+    """Where a canonical stream stands after its last unit: draws made, its sub-streams, the samples
+    waiting in bucket groups (bucket -> identities in arrival order)."""
 
-    def __post_init__(self) -> None:
-        if self.done is None:
-            self.done = np.zeros(self.num_shards, dtype=bool)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.done.all())
-
-    def account(self, shard: int, index: int) -> None:
-        if self.done[shard]:
-            return
-        p = self.partial.setdefault(shard, ShardProgress())
-        p.accounted.add(index)
-        self._maybe_finish(shard, p)
-
-    def end_shard(self, shard: int, count: int) -> None:
-        if self.done[shard]:
-            return
-        p = self.partial.setdefault(shard, ShardProgress())
-        p.total = count
-        self._maybe_finish(shard, p)
-
-    def _maybe_finish(self, shard: int, p: ShardProgress) -> None:
-        if p.complete:
-            self.done[shard] = True
-            del self.partial[shard]
+    draws: int = 0
+    subs: list[SubCursor] = field(default_factory=list)
+    pending: dict[tuple[int, ...], list[Pending]] = field(default_factory=dict)
 
     def to_state(self) -> dict[str, Any]:
-        return {"done": base64.b64encode(np.packbits(self.done).tobytes()).decode(),
-                "partial": {str(k): v.to_state() for k, v in sorted(self.partial.items())}}
+        out: dict[str, Any] = {"draws": self.draws, "subs": [s.to_state() for s in self.subs]}
+        if self.pending:
+            out["pending"] = [[list(b), [list(p) for p in ids]] for b, ids in self.pending.items() if ids]
+        return out
 
     @classmethod
-    def from_state(cls, s: dict[str, Any], num_shards: int) -> "EpochProgress":
-        bits = np.unpackbits(np.frombuffer(base64.b64decode(s["done"]), dtype=np.uint8))[:num_shards]
-        return cls(num_shards, done=bits.astype(bool),
-                   partial={int(k): ShardProgress.from_state(v) for k, v in s["partial"].items()})
+    def from_state(cls, s: dict[str, Any]) -> "StreamCursor":
+        pending = {tuple(int(v) for v in b): [tuple(int(v) for v in p) for p in ids] for b, ids in s.get("pending", [])}
+        return cls(int(s["draws"]), [SubCursor.from_state(c) for c in s["subs"]], pending)
 
-    def merge(self, other: "EpochProgress") -> None:
-        self.done |= other.done
-        for shard, p in other.partial.items():
-            if self.done[shard]:
-                continue
-            mine = self.partial.setdefault(shard, ShardProgress())
-            mine.accounted |= p.accounted
-            mine.total = mine.total if mine.total is not None else p.total
-        for shard in [s for s in self.partial if self.done[s]]:
-            del self.partial[shard]
-        for shard in list(self.partial):
-            self._maybe_finish(shard, self.partial[shard])
+    @classmethod
+    def fresh(cls, num_sources: int) -> "StreamCursor":
+        return cls(0, [SubCursor() for _ in range(num_sources)], {})
 
 
-class Progress:
-    """What a job has consumed, per source and epoch, plus skip counts. JSON in checkpoints."""
+STREAMS_PER_READER = (12, 6, 4, 3, 2, 1)  # the default K = readers x the first that fits: room to grow
 
-    def __init__(self, sources: Sequence[SourceInfo], *, seed: int, mode: str, generation: int = 0) -> None:
+
+def default_streams(readers: int, min_shards: int) -> int:
+    """``K`` for a first start on ``readers`` readers: a multiple of them with many divisors, so that
+    the run can later grow (or shrink) its ranks x workers, and at most the smallest source's shards."""
+    for f in STREAMS_PER_READER:
+        if readers * f <= min_shards:
+            return readers * f
+    return readers
+
+
+def window_for(shuffle_buffer: int, readers: int, num_streams: int) -> int:
+    """Samples per shuffle window: ``data.shuffle_buffer`` per reader of the first start, shared by the
+    streams each drives (so a reader holds about one buffer of raw samples). With ``data.num_streams``
+    set, ``readers`` is ``num_streams``: the buffer is per stream and the order is the same whatever
+    layout starts the run."""
+    return max(1, -(-shuffle_buffer * readers // num_streams)) if shuffle_buffer > 1 else 1
+
+
+def layouts_for(num_streams: int, max_readers: int = 64) -> list[str]:
+    """``ranks x workers`` layouts whose readers divide ``num_streams`` (workers 0 = the rank itself)."""
+    out = []
+    for ranks in range(1, num_streams + 1):
+        if num_streams % ranks:
+            continue
+        workers = [w for w in range(1, num_streams // ranks + 1) if (num_streams // ranks) % w == 0]
+        out.append(f"{ranks}x{{{','.join(str(w) for w in workers if ranks * w <= max_readers)}}}")
+    return out
+
+
+class Position:
+    """A job's data position: the canonical streams' cursors, the global units consumed and the skip
+    counts. JSON in checkpoints; every rank holds the cursors of its own streams up to date."""
+
+    def __init__(self, sources: Sequence[SourceInfo], *, seed: int, mode: str, num_streams: int,
+                 unit_size: int, window: int = 1) -> None:
         self.sources = list(sources)
-        self.seed, self.mode, self.generation = seed, mode, generation
-        self.first_open = [0] * len(self.sources)
-        self.epochs: dict[tuple[int, int], EpochProgress] = {}
+        self.seed, self.mode = seed, mode
+        self.num_streams, self.unit_size, self.window = num_streams, unit_size, window
+        self.units_consumed = 0  # global units [0, units_consumed) are consumed job-wide
+        self.cursors = [StreamCursor.fresh(len(self.sources)) for _ in range(num_streams)]
         self.base_skipped: Counter = Counter()  # counted before this session (from the checkpoint)
         self.skipped: Counter = Counter()  # counted in this session, on this rank
         self.base_delivered = 0
@@ -149,76 +204,27 @@ class Progress:
 
     # -- recording (main process)
 
-    def epoch(self, source: int, epoch: int) -> EpochProgress:
-        key = (source, epoch)
-        if key not in self.epochs:
-            self.epochs[key] = EpochProgress(self.sources[source].num_shards)
-        return self.epochs[key]
-
-    def is_done(self, source: int, epoch: int) -> bool:
-        return epoch < self.first_open[source]
-
-    def account(self, source: int, epoch: int, shard: int, index: int, reason: str | None = None) -> None:
-        if reason is None:
-            self.delivered += 1
+    def count(self, event: tuple) -> None:
+        """A skip event a worker sent with a unit: ("skip", reason) or ("shard", status, url)."""
+        if event[0] == "skip":
+            self.skipped[event[1]] += 1
         else:
-            self.skipped[reason] += 1
-        if self.mode == "epoch" and not self.is_done(source, epoch):
-            self.epoch(source, epoch).account(shard, index)
-            self._close(source)
-
-    def end_shard(self, source: int, epoch: int, shard: int, count: int, status: str) -> None:
-        if status != "ok":
-            self.skipped[f"{status}_shard"] += 1
-        if self.mode == "epoch" and not self.is_done(source, epoch):
-            self.epoch(source, epoch).end_shard(shard, count)
-            self._close(source)
-
-    def _close(self, source: int) -> None:
-        while (source, self.first_open[source]) in self.epochs and self.epochs[(source, self.first_open[source])].complete:
-            del self.epochs[(source, self.first_open[source])]
-            self.first_open[source] += 1
+            self.skipped[f"{event[1]}_shard"] += 1
 
     def total_skipped(self) -> Counter:
         return self.base_skipped + self.skipped
 
-    # -- planning (workers)
-
-    def tasks(self, source: int, epoch: int, slot: int, num_slots: int, shuffle_shards: bool) -> list[ShardTask]:
-        """The shards slot ``slot`` of ``num_slots`` reads in ``epoch``: what remains of it, partial shards
-        first, dealt round-robin."""
-        info = self.sources[source]
-        if self.is_done(source, epoch):
-            return []
-        order = shard_order(info.num_shards, self.seed, source, epoch, shuffle_shards)
-        ep = self.epochs.get((source, epoch))
-        if ep is None:
-            remaining, partial = list(order), {}
-        else:
-            remaining = [int(i) for i in order if not ep.done[i]]
-            partial = ep.partial
-        remaining = [i for i in remaining if i in partial] + [i for i in remaining if i not in partial]
-        tasks = []
-        for shard in remaining[slot::num_slots]:
-            shard = int(shard)
-            p = partial.get(shard)
-            if p is None:
-                tasks.append(ShardTask(shard, info.urls[shard]))
-            else:
-                s = p.to_state()
-                tasks.append(ShardTask(shard, info.urls[shard], hi=s["hi"], holes=frozenset(s["holes"])))
-        return tasks
-
     # -- state
 
-    def to_state(self) -> dict[str, Any]:
-        sources = {}
-        for i, info in enumerate(self.sources):
-            sources[info.name] = {
-                "num_shards": info.num_shards, "urls_sha256": info.fingerprint, "first_open_epoch": self.first_open[i],
-                "epochs": {str(e): ep.to_state() for (s, e), ep in sorted(self.epochs.items()) if s == i}}
+    def to_state(self, owned: Iterable[int] | None = None) -> dict[str, Any]:
+        """The position; ``owned`` limits the cursors to those streams (a rank's own)."""
+        streams = range(self.num_streams) if owned is None else owned
         return {"kind": "stream", "version": STATE_VERSION, "mode": self.mode, "seed": self.seed,
-                "generation": self.generation, "sources": sources,
+                "num_streams": self.num_streams, "unit_size": self.unit_size, "window": self.window,
+                "units_consumed": self.units_consumed,
+                "sources": {info.name: {"num_shards": info.num_shards, "urls_sha256": info.fingerprint}
+                            for info in self.sources},
+                "cursors": {str(k): self.cursors[k].to_state() for k in streams},
                 "skipped": dict(sorted(self.total_skipped().items())),
                 "session_skipped": dict(self.skipped), "delivered": self.base_delivered + self.delivered,
                 "session_delivered": self.delivered}
@@ -228,16 +234,18 @@ class Progress:
         problems = []
         if state.get("kind") != "stream":
             problems.append(f"it is a {state.get('kind')!r} position, this job streams shards")
+        elif state.get("version") != STATE_VERSION:
+            problems.append(f"state version {state.get('version')} (this code reads {STATE_VERSION}: a position "
+                            "of the layout-dependent streams before issue 20)")
         else:
-            if state.get("version") != STATE_VERSION:
-                problems.append(f"state version {state.get('version')} (this code reads {STATE_VERSION})")
-            for key, mine in (("mode", self.mode), ("seed", self.seed)):
+            for key, mine in (("mode", self.mode), ("seed", self.seed), ("unit_size", self.unit_size)):
                 if state.get(key) != mine:
-                    problems.append(f"data.{key}: saved {state.get(key)!r}, now {mine!r}")
+                    name = "micro-batch size of aspect-bucket batches" if key == "unit_size" else f"data.{key}"
+                    problems.append(f"{name}: saved {state.get(key)!r}, now {mine!r}")
             saved = state.get("sources", {})
             names = [s.name for s in self.sources]
-            if sorted(saved) != sorted(names):
-                problems.append(f"sources: saved {sorted(saved)}, now {sorted(names)}")
+            if list(saved) != names:
+                problems.append(f"sources: saved {list(saved)}, now {names}")
             for info in self.sources:
                 s = saved.get(info.name)
                 if s is not None and (s["num_shards"], s["urls_sha256"]) != (info.num_shards, info.fingerprint):
@@ -250,39 +258,30 @@ class Progress:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.check_state(state)
-        self.generation = int(state["generation"]) + 1
+        self.num_streams, self.window = int(state["num_streams"]), int(state["window"])
+        self.units_consumed = int(state["units_consumed"])
+        self.cursors = [StreamCursor.from_state(state["cursors"][str(k)]) for k in range(self.num_streams)]
         self.base_skipped = Counter(state["skipped"])
         self.base_delivered = int(state["delivered"])
         self.skipped, self.delivered = Counter(), 0
-        self.epochs.clear()
-        for i, info in enumerate(self.sources):
-            s = state["sources"][info.name]
-            self.first_open[i] = int(s["first_open_epoch"])
-            for e, ep in s["epochs"].items():
-                self.epochs[(i, int(e))] = EpochProgress.from_state(ep, info.num_shards)
 
     @classmethod
-    def merged(cls, states: Iterable[dict[str, Any]], sources: Sequence[SourceInfo]) -> dict[str, Any]:
-        """One job-wide state from every rank's: the union of their progress (they started from the same
-        checkpoint and consumed disjoint samples since), with this session's counts summed."""
-        states = list(states)
+    def merged(cls, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """One job-wide state from every rank's (each holds its own streams' cursors; they consumed the
+        same number of global units), with this session's counts summed."""
         first = states[0]
-        out = cls(sources, seed=first["seed"], mode=first["mode"], generation=first["generation"])
-        out.base_skipped = Counter(first["skipped"]) - Counter(first["session_skipped"])
-        out.base_delivered = first["delivered"] - first["session_delivered"]
-        for st in states:
-            out.skipped.update(st["session_skipped"])
-            out.delivered += st["session_delivered"]
-            for i, info in enumerate(sources):
-                s = st["sources"][info.name]
-                out.first_open[i] = max(out.first_open[i], int(s["first_open_epoch"]))
-                for e, ep in s["epochs"].items():
-                    out.epoch(i, int(e)).merge(EpochProgress.from_state(ep, info.num_shards))
-        for key in [k for k in out.epochs if out.is_done(*k)]:
-            del out.epochs[key]
-        for i in range(len(sources)):
-            out._close(i)
-        state = out.to_state()
-        state["session_skipped"], state["session_delivered"] = {}, 0
+        consumed = {int(s["units_consumed"]) for s in states}
+        assert len(consumed) == 1, f"ranks disagree on the global units consumed: {sorted(consumed)}"
+        cursors: dict[str, Any] = {}
+        for s in states:
+            cursors.update(s["cursors"])
+        assert sorted(cursors, key=int) == [str(k) for k in range(first["num_streams"])], sorted(cursors)
+        skipped = Counter(first["skipped"]) - Counter(first["session_skipped"])
+        delivered = first["delivered"] - first["session_delivered"]
+        for s in states:
+            skipped.update(s["session_skipped"])
+            delivered += s["session_delivered"]
         # The merged state is a checkpoint's: everything in it is "before" the next session.
-        return state
+        return {**first, "cursors": {k: cursors[k] for k in sorted(cursors, key=int)},
+                "skipped": dict(sorted(skipped.items())), "session_skipped": {}, "delivered": delivered,
+                "session_delivered": 0}

@@ -1,35 +1,36 @@
-"""Streaming LAION-style webdataset shards into training batches, with an exact, elastic position.
+"""Streaming LAION-style webdataset shards into training batches in one global order, whatever the
+ranks and workers.
 
-Layout of the work: a job of ``world_size`` ranks with ``num_workers`` dataloader workers each has
-``world_size * max(num_workers, 1)`` *slots*. In each epoch, every source's shards are put in a
-seeded order and dealt round-robin to the slots (``position.Progress.tasks``); a slot reads its
-shards (``shards.read_shard``), passes raw samples through a seeded shuffle buffer, decodes them
-(``decode``), groups them by aspect-ratio bucket when asked, and emits whole batches. Bad samples
-become events ``(reason, identity)`` that ride along with the next batch, so the trainer counts them
-exactly once, in the same place it records the samples it consumed.
-
-Streams are infinite: a slot that finishes its shards of epoch ``e`` goes on with its shards of
-``e + 1``; the position keeps every open epoch. ``mode=resampled`` draws shards with replacement
-instead (no epochs; the position keeps counts only).
+The order is defined in ``data_pipeline.position`` (canonical streams, windowed shuffle, seeded
+mixing, units, the interleave); this module produces it. Each physical reader - a dataloader worker,
+or the rank itself without workers - drives whole canonical streams (``_Stream``): reads their
+shards (``shards.read_shard``), draws through the shuffle windows, decodes (``decode``), groups by
+aspect-ratio bucket, and hands out units of one micro-batch each, every unit carrying its stream's
+cursor after it and the skip events met on the way. ``StreamingBatches`` takes this rank's units in
+global order and records the cursor of the last one consumed per stream, so the position is what
+the trainer used, not what workers read ahead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
 from data_pipeline.latents import cache_shard_urls, decode_sample_parts
-from data_pipeline.position import Progress, SourceInfo, SKIP_REASONS
-from data_pipeline.shards import ShardEnd, ShardTask, read_shard
+from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, Position, SourceInfo, StreamCursor, SubCursor,
+                                    default_streams, layouts_for, window_for, source_choices, stream_shards, window_order)
+from data_pipeline.shards import RawSample, ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
 from trainer.runtime import distributed
+from trainer.runtime.lifecycle import StopWaiting
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,18 @@ class EmptySourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything a slot needs to produce batches; built once from ``data.*`` and sent to workers."""
+    """Everything a reader needs to produce units; built once from ``data.*`` and sent to workers."""
 
     sources: tuple[SourceInfo, ...]
     weights: tuple[float, ...]
     image_size: int
-    batch_size: int
+    batch_size: int  # the micro-batch size: one unit of the global order
     image_keys: tuple[str, ...] = ("jpg", "png", "webp")
     caption_key: str = "txt"
     seed: int = 0
     mode: str = "epoch"
     shuffle_shards: bool = True
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # raw samples per shuffle window of each canonical stream and source
     transform: Transform = field(default_factory=Transform)
     filters: Filters = field(default_factory=Filters)
     buckets: tuple[tuple[int, int], ...] = ()  # (height, width); empty = square image_size crops
@@ -62,26 +63,29 @@ class StreamSpec:
     storage_options: tuple[tuple[str, Any], ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     latents: bool = False  # the shards are a latent cache (data_pipeline.latents), not images
+    num_streams: int = 0  # canonical streams at the first start; 0 = that start's ranks x workers
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"data.mode={self.mode!r}: expected one of {MODES}")
         if len(self.weights) != len(self.sources) or any(not w > 0 for w in self.weights):
             raise ValueError(f"data.sources weights {self.weights}: expected one float > 0 per source")
+        if self.num_streams < 0:
+            raise ValueError(f"data.num_streams={self.num_streams}: expected 0 (the first start's readers) or more")
 
     def options_for(self, url: str) -> dict[str, Any]:
         return storage_options_for(url, self.s3, dict(self.storage_options))
 
 
 def sample_position(*identity: int) -> int:
-    """A 62-bit integer naming a sample (seeds its noise and timestep in the trainer)."""
+    """A 62-bit integer naming a sample (seeds its crop, flip, noise and timestep)."""
     digest = hashlib.blake2b(np.asarray(identity, dtype=np.int64).tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
 
 
 @dataclass
 class _Ref:
-    """A raw sample in flight through a slot: identity and bytes."""
+    """A raw sample drawn by a stream: identity and bytes."""
 
     source: int
     epoch: int
@@ -93,113 +97,209 @@ class _Ref:
     url: str
 
 
-class _Events:
-    def __init__(self) -> None:
-        self.items: list[tuple] = []
+class _SubStream:
+    """One source's samples within one canonical stream: passes over its shards, drawn through
+    seeded shuffle windows (``position`` module docstring)."""
 
-    def take(self) -> list[tuple]:
-        out, self.items = self.items, []
+    def __init__(self, spec: StreamSpec, source: int, stream: int, num_streams: int, window: int,
+                 cursor: SubCursor, events: list[tuple]) -> None:
+        self.spec, self.source, self.stream, self.num_streams = spec, source, stream, num_streams
+        self.info = spec.sources[source]
+        self.cursor = SubCursor(**vars(cursor))
+        self.events = events
+        self.window_size = window
+        self.window: Optional[list[tuple[int, RawSample]]] = None
+        self._next_start = (0, 0)
+        self._gen: Optional[Iterator[tuple[int, RawSample]]] = None
+        self._shards_of: tuple[int, list[int]] = (-1, [])
+        # Resuming inside a window: the shard events met while it was first filled were counted then.
+        self._quiet = cursor.taken > 0
+        self.passes = 0
+        self.raw_in_pass = 0
+        self.empty_passes = 0
+        self.statuses: list[str] = []
+
+    def shards(self, epoch: int) -> list[int]:
+        if self._shards_of[0] != epoch:
+            spec = self.spec
+            self._shards_of = (epoch, stream_shards(self.info.num_shards, seed=spec.seed, source=self.source,
+                                                    stream=self.stream, num_streams=self.num_streams, epoch=epoch,
+                                                    mode=spec.mode, shuffle=spec.shuffle_shards))
+        return self._shards_of[1]
+
+    def _raw(self, epoch: int, shard_pos: int, index: int) -> Iterator[tuple[int, RawSample]]:
+        """The raw samples of pass ``epoch`` from sample ``index`` of its shard number ``shard_pos`` on."""
+        shards = self.shards(epoch)
+        for pos in range(shard_pos, len(shards)):
+            url = self.info.urls[shards[pos]]
+            task = ShardTask(shards[pos], url, hi=index if pos == shard_pos else 0)
+            for item in read_shard(task, self.spec.options_for(url), self.spec.retry):
+                if isinstance(item, ShardEnd):
+                    self.statuses.append(item.status)
+                    if item.status != "ok" and not self._quiet:
+                        self.events.append(("shard", item.status, url))
+                        if item.status == "unreadable":
+                            log.warning("shard %s given up after %d samples and every retry (%s); the one event "
+                                        "that makes this run's data differ from an uninterrupted run's", url,
+                                        item.count, item.error)
+                        else:
+                            log.warning("shard %s is %s after %d samples (%s); the rest of it is skipped", url,
+                                        item.status, item.count, item.error)
+                    continue
+                yield pos, item
+
+    def _open_window(self) -> None:
+        c = self.cursor
+        while True:
+            if self._gen is None:
+                self._gen = self._raw(c.epoch, c.shard_pos, c.index)
+            items = list(itertools.islice(self._gen, self.window_size))
+            self._quiet = False
+            if items:
+                break
+            self._pass_done()
+            c.epoch, c.window, c.shard_pos, c.index, c.taken = c.epoch + 1, 0, 0, 0, 0
+            self._gen = None
+        self.raw_in_pass += len(items)
+        order = window_order(len(items), seed=self.spec.seed, source=self.source, stream=self.stream,
+                             epoch=c.epoch, window=c.window)
+        self.window = [items[i] for i in order]
+        last_pos, last = items[-1]
+        self._next_start = (last_pos, last.index + 1)
+
+    def _pass_done(self) -> None:
+        self.passes += 1
+        self.empty_passes = self.empty_passes + 1 if self.raw_in_pass == 0 else 0
+        if self.empty_passes >= EMPTY_PASSES_BEFORE_ERROR:
+            shards = self.shards(self.cursor.epoch)
+            statuses = dict(sorted(((s, self.statuses.count(s)) for s in set(self.statuses)), key=str))
+            raise EmptySourceError(
+                f"data source {self.info.name!r} ({self.info.num_shards} shards, e.g. {self.info.urls[0]}) gave no "
+                f"usable sample: every shard of canonical stream {self.stream}/{self.num_streams} failed in {self.empty_passes} passes "
+                f"in a row ({len(shards)} shard(s) a pass, e.g. {self.info.urls[shards[0]] if shards else '-'}; "
+                f"shard ends: {statuses}); check the URLs, the credentials and data.retry")
+        self.raw_in_pass = 0
+
+    def draw(self) -> _Ref:
+        c = self.cursor
+        while True:
+            if self.window is None:
+                self._open_window()
+            if c.taken < len(self.window):
+                pos, raw = self.window[c.taken]
+                c.taken += 1
+                return self._ref(pos, raw)
+            c.window, (c.shard_pos, c.index), c.taken = c.window + 1, self._next_start, 0
+            self.window = None
+
+    def _ref(self, pos: int, raw: RawSample) -> _Ref:
+        epoch = self.cursor.epoch
+        shard = self.shards(epoch)[pos]
+        if self.spec.mode == "epoch":
+            position = sample_position(self.source, epoch, shard, raw.index)
+        else:  # a shard may be drawn twice: the draw names the sample
+            position = sample_position(self.source, -1 - self.stream, epoch, pos, raw.index)
+        return _Ref(self.source, epoch, shard, raw.index, position, raw.key, raw.parts, self.info.urls[shard])
+
+
+class _Stream:
+    """One canonical stream: its sources' sub-streams mixed by seeded draws, decoded, grouped by bucket
+    into units of ``spec.batch_size`` samples."""
+
+    def __init__(self, spec: StreamSpec, stream: int, num_streams: int, window: int, cursor: StreamCursor) -> None:
+        self.spec, self.stream = spec, stream
+        self.events: list[tuple] = []
+        self.subs = [_SubStream(spec, i, stream, num_streams, window, cursor.subs[i], self.events)
+                     for i in range(len(spec.sources))]
+        self.draws = cursor.draws
+        self.good = [0] * len(spec.sources)
+        self._choices: tuple[int, np.ndarray] = (-1, np.zeros(0))
+        self.pending: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
+        for bucket, ids in cursor.pending.items():
+            self.pending[bucket] = self._refetch(ids)
+
+    def _source(self, draw: int) -> int:
+        if len(self.subs) == 1:
+            return 0
+        block = draw // SOURCE_BLOCK
+        if self._choices[0] != block:
+            self._choices = (block, source_choices(self.spec.weights, seed=self.spec.seed, stream=self.stream,
+                                                   block=block))
+        return int(self._choices[1][draw % SOURCE_BLOCK])
+
+    def next_unit(self) -> tuple[list[dict[str, Any]], list[tuple], dict[str, Any]]:
+        """The stream's next unit: its examples, the skip events met since the last unit, the cursor after it."""
+        while True:
+            source = self._source(self.draws)
+            self.draws += 1
+            ref = self.subs[source].draw()
+            example = self._decode(ref)
+            if example is None:
+                continue
+            group = self.pending[example["bucket"]]
+            group.append(example)
+            if len(group) == self.spec.batch_size:
+                del self.pending[example["bucket"]]
+                events, self.events[:] = list(self.events), []
+                return group, events, self.cursor().to_state()
+
+    def cursor(self) -> StreamCursor:
+        pending = {b: [e["pending"] for e in group] for b, group in self.pending.items() if group}
+        return StreamCursor(self.draws, [SubCursor(**vars(s.cursor)) for s in self.subs], pending)
+
+    def _refetch(self, ids: list[tuple]) -> list[dict[str, Any]]:
+        """Samples that were waiting in a bucket group at the checkpoint, read again by identity."""
+        wanted: dict[tuple[int, int], set[int]] = defaultdict(set)
+        for source, _, shard, index, _ in ids:
+            wanted[(source, shard)].add(index)
+        found: dict[tuple[int, int, int], RawSample] = {}
+        for (source, shard), indices in wanted.items():
+            url = self.spec.sources[source].urls[shard]
+            task = ShardTask(shard, url, hi=max(indices) + 1, holes=frozenset(indices))
+            for item in read_shard(task, self.spec.options_for(url), self.spec.retry):
+                if isinstance(item, RawSample) and item.index in indices:
+                    found[(source, shard, item.index)] = item
+        out = []
+        for source, epoch, shard, index, position in ids:
+            raw = found.get((source, shard, index))
+            example = None
+            if raw is not None:
+                url = self.spec.sources[source].urls[shard]
+                example = self._decode(_Ref(source, epoch, shard, index, position, raw.key, raw.parts, url), quiet=True)
+            if example is None:
+                log.warning("sample %d of shard %s waited in a bucket group at the checkpoint and could not be read "
+                            "again; skipped (this run's data now differs from an uninterrupted run's)", index,
+                            self.spec.sources[source].urls[shard])
+                continue
+            out.append(example)
         return out
 
+    # -- decoding
 
-@dataclass
-class _SourceStats:
-    raw: int = 0
-    decoded: int = 0
-    good: int = 0
-    passes: int = 0
-    raw_first_pass: int = -1
-
-
-class _Slot:
-    """One slot's infinite batch stream."""
-
-    def __init__(self, spec: StreamSpec, progress: Progress, slot: int, num_slots: int) -> None:
-        self.spec, self.progress = spec, progress
-        self.slot, self.num_slots = slot, num_slots
-        self.events = _Events()
-        self.stats = [_SourceStats() for _ in spec.sources]
-
-    # -- raw samples of one source, epoch after epoch
-
-    def _read(self, source: int, epoch: int, task: ShardTask, draw: int) -> Iterator[_Ref]:
+    def _decode(self, ref: _Ref, quiet: bool = False) -> Optional[dict[str, Any]]:
         spec = self.spec
-        for item in read_shard(task, spec.options_for(task.url), spec.retry):
-            if isinstance(item, ShardEnd):
-                self.events.items.append(("end", source, epoch, task.shard, item.count, item.status))
-                if item.status != "ok":
-                    log.warning("shard %s is %s after %d samples (%s); skipped", task.url, item.status, item.count,
-                                item.error)
-                continue
-            if spec.mode == "epoch":
-                pos = sample_position(source, epoch, task.shard, item.index)
-            else:
-                pos = sample_position(source, self.progress.generation, self.slot, self.num_slots, draw, item.index)
-            yield _Ref(source, epoch, task.shard, item.index, pos, item.key, item.parts, task.url)
-
-    def _source(self, source: int) -> Iterator[_Ref]:
-        spec, info, stats = self.spec, self.spec.sources[source], self.stats[source]
-        if spec.mode == "resampled":
-            rng = np.random.default_rng([spec.seed, source, self.slot, self.num_slots, self.progress.generation, 0x5E5])
-            draw = 0
-            while True:
-                raw_before = stats.raw
-                for _ in range(info.num_shards):
-                    shard = int(rng.integers(info.num_shards))
-                    for ref in self._read(source, -1, ShardTask(shard, info.urls[shard]), draw):
-                        stats.raw += 1
-                        yield ref
-                    draw += 1
-                self._pass_done(source, stats.raw - raw_before)
-        epoch = self.progress.first_open[source]
-        while True:
-            tasks = self.progress.tasks(source, epoch, self.slot, self.num_slots, spec.shuffle_shards)
-            raw_before = stats.raw
-            for task in tasks:
-                for ref in self._read(source, epoch, task, 0):
-                    stats.raw += 1
-                    yield ref
-            if tasks:
-                self._pass_done(source, stats.raw - raw_before)
-            epoch += 1
-
-    def _pass_done(self, source: int, raw_in_pass: int) -> None:
-        stats = self.stats[source]
-        stats.passes += 1
-        if stats.raw_first_pass < 0:
-            stats.raw_first_pass = raw_in_pass
-        if stats.passes >= EMPTY_PASSES_BEFORE_ERROR and stats.raw == 0:
-            self._fail(source)
-
-    def _check_usable(self, source: int) -> None:
-        stats = self.stats[source]
-        if stats.good == 0 and stats.passes >= EMPTY_PASSES_BEFORE_ERROR and stats.decoded >= stats.raw_first_pass:
-            self._fail(source)
+        sub = self.subs[ref.source]
+        try:
+            example = self._cached_example(ref) if spec.latents else self._image_example(ref)
+        except BadSample as bad:
+            if not quiet:
+                log.debug("sample %s of %s skipped: %s", ref.key, ref.url, bad)
+                self.events.append(("skip", bad.reason))
+                if self.good[ref.source] == 0 and sub.passes >= EMPTY_PASSES_BEFORE_ERROR:
+                    self._fail(ref.source)
+            return None
+        self.good[ref.source] += 1
+        example.update(key=ref.key, id=(ref.source, ref.epoch, ref.shard, ref.index), position=ref.position,
+                       pending=(ref.source, ref.epoch, ref.shard, ref.index, ref.position))
+        return example
 
     def _fail(self, source: int) -> None:
         info = self.spec.sources[source]
         raise EmptySourceError(
             f"data source {info.name!r} ({info.num_shards} shards, e.g. {info.urls[0]}) gave no usable sample in "
-            f"{self.stats[source].passes} passes over the shards of slot {self.slot}/{self.num_slots} "
-            f"(raw samples read: {self.stats[source].raw}); check the URLs, credentials, data.image_keys="
-            f"{list(self.spec.image_keys)}, data.caption_key={self.spec.caption_key!r} and the filters")
-
-    # -- decoding
-
-    def _decode(self, ref: _Ref) -> dict[str, Any] | None:
-        spec = self.spec
-        stats = self.stats[ref.source]
-        stats.decoded += 1
-        try:
-            example = self._cached_example(ref) if spec.latents else self._image_example(ref)
-        except BadSample as bad:
-            log.debug("sample %s of %s skipped: %s", ref.key, ref.url, bad)
-            self.events.items.append(("skip", ref.source, ref.epoch, ref.shard, ref.index, bad.reason))
-            self._check_usable(ref.source)
-            return None
-        stats.good += 1
-        example.update(key=ref.key, id=(ref.source, ref.epoch, ref.shard, ref.index), position=ref.position)
-        return example
+            f"{self.subs[source].passes} passes over the shards of canonical stream {self.stream}; check the URLs, "
+            f"credentials, data.image_keys={list(self.spec.image_keys)}, data.caption_key={self.spec.caption_key!r} "
+            f"and the filters")
 
     def _image_example(self, ref: _Ref) -> dict[str, Any]:
         spec = self.spec
@@ -208,7 +308,7 @@ class _Slot:
                             image_size=spec.image_size, transform=spec.transform, rng=rng,
                             filters=spec.filters, buckets=spec.buckets)
         ex = out.example
-        return {"bucket": out.bucket, "image": ex.image, "caption": out.caption,
+        return {"bucket": (out.bucket,), "image": ex.image, "caption": out.caption,
                 "original_size": ex.original_size, "crop_top_left": ex.crop_top_left}
 
     def _cached_example(self, ref: _Ref) -> dict[str, Any]:
@@ -220,70 +320,75 @@ class _Slot:
                 "original_size": tuple(meta.get("original_size", (0, 0))),
                 "crop_top_left": tuple(meta.get("crop_top_left", (0, 0)))}
 
-    def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
-            "captions": [e["caption"] for e in examples], "keys": [e["key"] for e in examples],
-            "ids": [e["id"] for e in examples], "positions": [e["position"] for e in examples],
-            "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.int64),
-            "crop_top_left": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.int64),
-            "events": self.events.take(), "slot": self.slot}
-        if self.spec.latents:
-            batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
-            if all(e["latent_logvar"] is not None for e in examples):
-                batch["latent_logvar"] = torch.stack([e["latent_logvar"] for e in examples])
-        else:
-            batch["images"] = torch.from_numpy(np.stack([e["image"] for e in examples])).permute(0, 3, 1, 2).contiguous()
-        return batch
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        spec = self.spec
-        rng = np.random.default_rng([spec.seed, self.slot, self.num_slots, self.progress.generation, 0xB0F])
-        sources = [self._source(i) for i in range(len(spec.sources))]
-        p = np.asarray(spec.weights, dtype=np.float64) / sum(spec.weights)
-        buffer: list[_Ref] = []
-        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        while True:
-            i = 0 if len(sources) == 1 else int(rng.choice(len(sources), p=p))
-            ref = next(sources[i])
-            if spec.shuffle_buffer > 1:
-                if len(buffer) < spec.shuffle_buffer:
-                    buffer.append(ref)
-                    continue
-                j = int(rng.integers(len(buffer)))
-                ref, buffer[j] = buffer[j], ref
-            example = self._decode(ref)
-            if example is None:
-                continue
-            group = pending[example["bucket"]]
-            group.append(example)
-            if len(group) == spec.batch_size:
-                pending[example["bucket"]] = []
-                yield self._collate(group)
+def collate(spec: StreamSpec, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {
+        "captions": [e["caption"] for e in examples], "keys": [e["key"] for e in examples],
+        "ids": [e["id"] for e in examples], "positions": [e["position"] for e in examples],
+        "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.int64),
+        "crop_top_left": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.int64)}
+    if spec.latents:
+        batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
+        if all(e["latent_logvar"] is not None for e in examples):
+            batch["latent_logvar"] = torch.stack([e["latent_logvar"] for e in examples])
+    else:
+        batch["images"] = torch.from_numpy(np.stack([e["image"] for e in examples])).permute(0, 3, 1, 2).contiguous()
+    return batch
+
+
+@dataclass(frozen=True)
+class ReaderPlan:
+    """Which canonical streams reader ``worker`` of rank ``rank`` drives, and where it starts.
+
+    Rank ``r`` consumes global units ``i = r + m * R`` for ``m = m0, m0 + 1, ...``; unit ``m`` comes
+    from worker ``m % W`` and stream ``i % K``, so worker ``w`` drives streams ``r + w * R + n * R * W``
+    and hands out one unit of each in turn."""
+
+    num_streams: int
+    window: int  # samples per shuffle window
+    rank: int
+    world_size: int
+    workers: int  # readers of the rank (max(num_workers, 1))
+    start: int  # m0: units this rank consumed before this session
+
+    def streams(self, worker: int) -> list[int]:
+        readers = self.world_size * self.workers
+        return list(range(self.rank + worker * self.world_size, self.num_streams, readers))
+
+    def first(self, worker: int) -> int:
+        """The m of the first unit ``worker`` hands out."""
+        return self.start + (worker - self.start) % self.workers
+
+    def stream_of(self, m: int) -> int:
+        return (self.rank + m * self.world_size) % self.num_streams
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """The batches of one rank: its slots are its dataloader workers (or itself without workers)."""
+    """The units of one rank: each dataloader worker (or the rank itself without workers) drives its
+    canonical streams in turn and yields one unit (a collated micro-batch) at a time."""
 
-    def __init__(self, spec: StreamSpec, base_state: dict[str, Any] | None, *, rank: int, world_size: int,
-                 num_workers: int) -> None:
+    def __init__(self, spec: StreamSpec, plan: ReaderPlan, cursors: list[StreamCursor]) -> None:
         super().__init__()
-        self.spec, self.base_state = spec, base_state
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.spec, self.plan, self.cursors = spec, plan, cursors
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        per_rank = max(self.num_workers, 1)
-        slot = self.rank * per_rank + (info.id if info is not None else 0)
-        progress = Progress(self.spec.sources, seed=self.spec.seed, mode=self.spec.mode)
-        if self.base_state is not None:
-            progress.load_state(self.base_state)
-        return iter(_Slot(self.spec, progress, slot, self.world_size * per_rank))
+        worker = info.id if info is not None else 0
+        plan = self.plan
+        mine = plan.streams(worker)
+        streams = {k: _Stream(self.spec, k, plan.num_streams, plan.window, self.cursors[k]) for k in mine}
+        m = plan.first(worker)
+        while True:
+            k = plan.stream_of(m)
+            examples, events, cursor = streams[k].next_unit()
+            batch = collate(self.spec, examples)
+            batch.update(stream=k, m=m, worker=worker, events=events, cursor=cursor)
+            yield batch
+            m += plan.workers
 
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
-
-
 def buckets_of(data: Any) -> tuple[tuple[int, int], ...]:
     """The aspect-ratio buckets of ``data.buckets`` (empty when bucketing is off)."""
     if not data.buckets.enabled:
@@ -329,42 +434,77 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
         shuffle_shards=data.shuffle_shards, shuffle_buffer=data.shuffle_buffer,
         transform=Transform(crop=data.crop, flip_prob=data.flip_prob, max_pixels=data.max_pixels, draft=data.draft),
         filters=filters, buckets=buckets_of(data), s3=s3, storage_options=tuple(sorted(extra.items())),
-        retry=data.retry, latents=bool(data.latent_cache))
+        retry=data.retry, latents=bool(data.latent_cache), num_streams=data.num_streams)
+
+
 
 
 class StreamingBatches:
     """The trainer's view: micro-batches per optimizer step, the position to checkpoint, skip counts.
 
-    The position records what :meth:`next_batch` handed out, so batches prefetched by workers but
-    not consumed before a checkpoint are read again after a resume."""
+    Rank ``rank`` takes the global units ``i`` with ``i % world_size == rank`` in order (the
+    ``position`` module docstring); the position records the cursor after the last unit handed out per
+    stream, so units prefetched by workers but not consumed before a checkpoint are read again after
+    a resume. ``stop_requested``, when given, is polled while waiting for data: a stop signal then
+    ends the wait with ``StopWaiting`` instead of waiting out slow storage."""
 
     def __init__(self, spec: StreamSpec, *, rank: int, world_size: int, gradient_accumulation: int = 1,
-                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False) -> None:
+                 num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
+                 stop_requested: Optional[Callable[[], bool]] = None, poll_s: float = 5.0) -> None:
         self.spec = spec
         self.rank, self.world_size = rank, world_size
         self.gradient_accumulation = gradient_accumulation
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
-        slots = world_size * max(num_workers, 1)
-        if spec.mode == "epoch":
-            for info in spec.sources:
-                if info.num_shards < slots:
-                    raise ValueError(
-                        f"data source {info.name!r} has {info.num_shards} shard(s) but {world_size} rank(s) x "
-                        f"{max(num_workers, 1)} worker(s) = {slots} readers need at least one each; lower "
-                        f"data.num_workers, use data.mode=resampled, or split the data into more shards")
-        self.progress = Progress(spec.sources, seed=spec.seed, mode=spec.mode)
-        self._base_state: dict[str, Any] | None = None
+        self.readers = max(num_workers, 1)
+        self.stop_requested, self.poll_s = stop_requested, poll_s
+        readers = world_size * self.readers
+        k = spec.num_streams or default_streams(readers, min(info.num_shards for info in spec.sources))
+        self.position = Position(spec.sources, seed=spec.seed, mode=spec.mode, num_streams=k,
+                                 unit_size=spec.batch_size,
+                                 window=window_for(spec.shuffle_buffer, k if spec.num_streams else readers, k))
+        # A resume takes the number of streams from its position; a fresh start is checked before its
+        # first batch (``_start``), and here when data.num_streams names it.
+        if spec.num_streams:
+            self._check_layout()
         self._loader = None
-        self._iter: Iterator[dict[str, Any]] | None = None
+        self._iter: Optional[Iterator[dict[str, Any]]] = None
+        self._stash: dict[int, deque] = defaultdict(deque)  # units of other workers, received early
+        self._m = 0  # this rank's next unit: global unit rank + m * world_size
         self._captions: list[str] = []  # the first distinct captions seen, for sample grids
+
+    @property
+    def num_streams(self) -> int:
+        return self.position.num_streams
+
+    def _check_layout(self) -> None:
+        k, readers = self.num_streams, self.world_size * self.readers
+        if k % readers:
+            raise ValueError(
+                f"the data position has {k} canonical streams, which {self.world_size} rank(s) x {self.readers} "
+                f"reader(s) per rank = {readers} readers cannot share evenly (each reader drives whole streams); "
+                f"layouts that continue this run's exact order (ranks x data.num_workers, 1 = the rank reads itself): "
+                f"{', '.join(layouts_for(k))}")
+        if self.spec.mode == "epoch":
+            for info in self.spec.sources:
+                if info.num_shards < k:
+                    raise ValueError(
+                        f"data source {info.name!r} has {info.num_shards} shard(s) but {k} canonical streams need "
+                        f"at least one each in every epoch; set data.num_streams (now {self.spec.num_streams}, 0 = "
+                        f"ranks x workers) to at most {info.num_shards}, lower data.num_workers, use "
+                        f"data.mode=resampled, or split the data into more shards")
 
     def example_captions(self, n: int) -> list[str]:
         return self._captions[:n]
 
+    def watch_stop(self, requested: Callable[[], bool]) -> None:
+        """Poll ``requested`` while waiting for data (dataloader workers only: without them the rank
+        itself reads, and a retry's backoff finishes first)."""
+        self.stop_requested = requested
+
     # -- position
 
     def check_state(self, state: dict[str, Any]) -> None:
-        self.progress.check_state(state)
+        self.position.check_state(state)
 
     def load_state_dict(self, state: dict[str, Any], *, reset: bool = False) -> None:
         """Continue from a checkpoint's position (before the first batch); ``reset`` starts the data afresh."""
@@ -373,48 +513,83 @@ class StreamingBatches:
         if reset:
             log.warning("data.reset_position=true: the data starts afresh at epoch 0")
             return
-        self.progress.load_state(state)
-        self._base_state = state
+        self.position.load_state(state)
+        if self.spec.num_streams and self.spec.num_streams != self.num_streams:
+            log.warning("data.num_streams=%d is ignored: the position was started with %d canonical streams, "
+                        "which a resumed run keeps", self.spec.num_streams, self.num_streams)
+        log.info("data position: %d canonical streams, shuffle windows of %d samples (kept from the first start), "
+                 "%d global units consumed", self.num_streams, self.position.window, self.position.units_consumed)
+        self._check_layout()
+        consumed = self.position.units_consumed
+        assert consumed % self.world_size == 0, (consumed, self.world_size)
+        self._m = consumed // self.world_size
+
+    def own_streams(self) -> list[int]:
+        return list(range(self.rank, self.num_streams, self.world_size))
+
+    def local_state(self) -> dict[str, Any]:
+        """This rank's part of the position (its streams' cursors)."""
+        self.position.units_consumed = self._m * self.world_size
+        return self.position.to_state(self.own_streams())
 
     def state_dict(self, samples_seen: int | None = None) -> dict[str, Any]:
         """The job-wide position (collective: every rank must call it)."""
-        return Progress.merged(distributed.all_gather_object(self.progress.to_state()), self.spec.sources)
+        return Position.merged(distributed.all_gather_object(self.local_state()))
 
     def skip_counts(self, device: torch.device | str = "cpu") -> dict[str, int]:
         """Job-wide skip counts by reason, this run included (collective)."""
-        mine = self.progress.skipped
+        mine = self.position.skipped
         local = torch.tensor([float(mine.get(r, 0)) for r in SKIP_REASONS], dtype=torch.float64)
         total = distributed.all_reduce_sum(local, device)
-        base = self.progress.base_skipped
+        base = self.position.base_skipped
         return {r: int(total[i].item()) + int(base.get(r, 0)) for i, r in enumerate(SKIP_REASONS)}
 
     # -- batches
 
     def _start(self) -> None:
-        dataset = ShardStream(self.spec, self._base_state, rank=self.rank, world_size=self.world_size,
-                              num_workers=self.num_workers)
+        self._check_layout()
+        plan = ReaderPlan(self.num_streams, self.position.window, self.rank, self.world_size, self.readers, self._m)
+        dataset = ShardStream(self.spec, plan, self.position.cursors)
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": _worker_init,
                       "persistent_workers": False}
+            if self.stop_requested is not None:
+                kwargs["timeout"] = self.poll_s
         self._loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                                    pin_memory=self.pin_memory, **kwargs)
         self._iter = iter(self._loader)
 
+    def _receive(self) -> dict[str, Any]:
+        while True:
+            try:
+                return next(self._iter)
+            except RuntimeError as e:
+                # The loader's timeout is only a poll for stop signals while storage is slow.
+                if self.stop_requested is None or "timed out" not in str(e):
+                    raise
+                if self.stop_requested():
+                    raise StopWaiting("a stop signal arrived while waiting for data") from None
+
     def next_batch(self) -> dict[str, Any]:
-        """The next batch of this rank (uint8 images), recorded as consumed."""
+        """The next micro-batch of this rank (uint8 images), recorded as consumed."""
         if self._iter is None:
             self._start()
-        batch = next(self._iter)
+        worker = self._m % self.readers
+        while not self._stash[worker]:
+            unit = self._receive()
+            self._stash[unit["worker"]].append(unit)
+        batch = self._stash[worker].popleft()
+        k = (self.rank + self._m * self.world_size) % self.num_streams
+        assert (batch["m"], batch["stream"]) == (self._m, k), (batch["m"], batch["stream"], self._m, k)
         for event in batch.pop("events"):
-            if event[0] == "skip":
-                _, source, epoch, shard, index, reason = event
-                self.progress.account(source, epoch, shard, index, reason)
-            else:
-                _, source, epoch, shard, count, status = event
-                self.progress.end_shard(source, epoch, shard, count, status)
-        for source, epoch, shard, index in batch["ids"]:
-            self.progress.account(source, epoch, shard, index)
+            self.position.count(event)
+        self.position.cursors[k] = StreamCursor.from_state(batch.pop("cursor"))
+        self.position.delivered += len(batch["keys"])
+        self._m += 1
+        for key in ("m", "worker"):
+            batch.pop(key)
+        batch["unit"] = self.rank + (self._m - 1) * self.world_size  # its index in the global order
         if len(self._captions) < 64:
             self._captions.extend(c for c in dict.fromkeys(batch["captions"]) if c not in self._captions)
         return batch
@@ -432,6 +607,7 @@ class StreamingBatches:
     def close(self) -> None:
         """Stop the workers now (not when the iterator is garbage collected)."""
         it, self._iter, self._loader = self._iter, None, None
+        self._stash.clear()
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()

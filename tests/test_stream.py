@@ -15,7 +15,7 @@ import torch
 
 from corpus import build_clean_corpus, build_corrupt_corpus, corpus_keys
 from data_pipeline.decode import Transform
-from data_pipeline.position import Progress, SourceInfo
+from data_pipeline.position import Position, SourceInfo
 from data_pipeline.sources import RetryPolicy, S3Options, expand_urls
 from data_pipeline.stream import EmptySourceError, StreamingBatches, StreamSpec
 
@@ -37,68 +37,155 @@ def _spec(urls, *, batch_size=4, shuffle_buffer=8, **kw) -> StreamSpec:
 class Job:
     """``world`` ranks of one job, stepped together as the trainer steps them."""
 
-    def __init__(self, spec: StreamSpec, world: int, workers: int, state: dict | None = None) -> None:
+    def __init__(self, spec: StreamSpec, world: int, workers: int, state: dict | None = None, *,
+                 global_batch: int | None = None) -> None:
         self.spec = spec
-        self.ranks = [StreamingBatches(spec, rank=r, world_size=world, num_workers=workers) for r in range(world)]
+        global_batch = global_batch or spec.batch_size * world
+        accum, rest = divmod(global_batch, spec.batch_size * world)
+        assert accum >= 1 and rest == 0, (global_batch, spec.batch_size, world)
+        self.ranks = [StreamingBatches(spec, rank=r, world_size=world, num_workers=workers,
+                                       gradient_accumulation=accum) for r in range(world)]
         if state is not None:
             for r in self.ranks:
                 r.load_state_dict(state)
-        self.delivered: list[tuple] = []  # (epoch, key) of every sample consumed
+        self.delivered: list[tuple] = []  # (epoch, key) of every sample consumed, in global order
+        self.steps: list[list[tuple]] = []  # per optimizer step: (key, epoch, position) in global order
 
     def step(self) -> None:
+        units = []
         for r in self.ranks:
-            batch = r.next_batch()
-            self.delivered += [(i[1], k) for i, k in zip(batch["ids"], batch["keys"])]
+            for batch in r.step_batches():
+                units.append((batch["unit"], [(k, i[1], p) for k, i, p in
+                                              zip(batch["keys"], batch["ids"], batch["positions"])]))
+        step = [x for _, samples in sorted(units, key=lambda u: u[0]) for x in samples]
+        self.steps.append(step)
+        self.delivered += [(e, k) for k, e, _ in step]
+
+    def run(self, steps: int) -> "Job":
+        for _ in range(steps):
+            self.step()
+        return self
 
     def state(self) -> dict:
-        return Progress.merged([r.progress.to_state() for r in self.ranks], self.spec.sources)
+        return json.loads(json.dumps(Position.merged([r.local_state() for r in self.ranks])))  # what a checkpoint holds
 
     def epoch_closed(self, epoch: int) -> bool:
-        return self.state()["sources"]["default"]["first_open_epoch"] > epoch
+        """Every canonical stream has drawn all of its share of ``epoch`` (and has none waiting in a group)."""
+        cursors = self.state()["cursors"].values()
+        return all(min(sub[0] for sub in c["subs"]) > epoch and not c.get("pending") for c in cursors)
 
     def close(self) -> None:
         for r in self.ranks:
             r.close()
 
 
-@pytest.mark.parametrize("resume_layout", [(2, 2), (1, 1), (1, 3)], ids=["same-2x2", "1x1", "1x3"])
-def test_each_sample_once_per_epoch_across_an_elastic_resume(clean, resume_layout) -> None:
-    urls, keys = clean
-    spec = _spec(urls)
-    stop_at = random.Random(str(resume_layout)).randint(1, 5)  # a random step inside epoch 0
-    first = Job(spec, world=2, workers=2)
-    for _ in range(stop_at):
-        first.step()
-    state = json.loads(json.dumps(first.state()))  # what a checkpoint holds
-    first.close()
-    second = Job(spec, *resume_layout, state=state)
-    steps = 0
-    while not second.epoch_closed(0):
-        second.step()
-        steps += 1
-        assert steps < 100, "epoch 0 never closed"
-    second.close()
-    epoch0 = [k for e, k in first.delivered + second.delivered if e == 0]
-    assert len(epoch0) == len(set(epoch0)), f"duplicates: {[k for k, n in Counter(epoch0).items() if n > 1]}"
-    assert set(epoch0) == keys
-    # Epoch 1 goes on from where the second job is, without repeating within the epoch either.
-    epoch1 = [k for e, k in second.delivered if e == 1]
-    assert len(epoch1) == len(set(epoch1))
+def _stopped_and_resumed(spec: StreamSpec, layouts: list[tuple[int, int]], stops: list[int], total: int,
+                         global_batch: int) -> list[list[tuple]]:
+    """The steps of a run that is stopped at each of ``stops`` and resumed on the next layout."""
+    steps, state = [], None
+    bounds = [0, *stops, total]
+    for (world, workers), a, b in zip(layouts, bounds, bounds[1:]):
+        job = Job(spec, world, workers, state, global_batch=global_batch)
+        job.run(b - a)
+        state = job.state()
+        job.close()
+        steps += job.steps
+    return steps
 
 
-def test_resume_state_round_trips_and_is_compact(clean) -> None:
-    urls, _ = clean
-    job = Job(_spec(urls, shuffle_buffer=20), world=1, workers=0)
-    for _ in range(3):
-        job.step()
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> list[str]:
+    """6 shards x 10 samples in three aspect ratios."""
+    return build_clean_corpus(tmp_path_factory.mktemp("mixed"), n_shards=6, per_shard=10,
+                              sizes=((64, 32), (32, 64), (48, 48)))
+
+
+BUCKETS = ((16, 32), (16, 16), (32, 16))  # (h, w)
+
+
+FAST_CASES = {("epoch", False, (1, 1)), ("epoch", True, (1, 4)), ("resampled", False, (2, 1)),
+              ("resampled", True, (1, 1))}  # one per mode and bucketing; the other layouts in the slow tier
+
+
+@pytest.mark.parametrize("mode, buckets, resume_layout", [
+    pytest.param(mode, buckets, layout, id=f"{mode}-{'buckets' if buckets else 'square'}-{layout[0]}x{layout[1]}",
+                 marks=() if (mode, buckets, layout) in FAST_CASES else pytest.mark.slow)
+    for mode in ("epoch", "resampled") for buckets in (False, True) for layout in ((1, 1), (1, 4), (2, 1), (2, 2))])
+def test_global_order_is_the_same_whatever_the_layout_and_resumes(mixed, mode, buckets, resume_layout) -> None:
+    """2 ranks x 2 workers uninterrupted vs stopped at a random step, resumed on another layout and
+    then back on 2 x 2: the same samples in the same order in every global batch, across an epoch
+    boundary (60 samples, 8 a step)."""
+    spec = _spec(mixed, shuffle_buffer=7, mode=mode, buckets=BUCKETS if buckets else ())
+    total = 14
+    reference = Job(spec, 2, 2, global_batch=8).run(total)
+    reference.close()
+    rnd = random.Random(f"{mode}{buckets}{resume_layout}")
+    first = rnd.randint(1, 6)
+    second = rnd.randint(first + 1, total - 1)
+    got = _stopped_and_resumed(spec, [(2, 2), resume_layout, (2, 2)], [first, second], total, 8)
+    assert got == reference.steps
+    if mode == "epoch":
+        epochs = Counter(e for e, _ in reference.delivered)
+        assert epochs[0] == 60 and epochs[1] > 0  # it crossed an epoch boundary
+        assert Counter(k for e, k in reference.delivered if e == 0) == Counter(corpus_keys(Path(mixed[0]).parent))
+
+
+def test_layout_does_not_change_the_order(mixed) -> None:
+    spec = _spec(mixed, shuffle_buffer=5, num_streams=4)
+    runs = [Job(spec, world, workers, global_batch=16).run(5) for world, workers in ((1, 0), (1, 2), (2, 0), (4, 1))]
+    for job in runs:
+        job.close()
+    assert all(job.steps == runs[0].steps for job in runs[1:])
+
+
+def test_epochs_are_epochs_on_a_source_smaller_than_the_buffers(tmp_path: Path) -> None:
+    """100 samples read by 2 ranks x 2 workers with a shuffle buffer of 1000: each run of 100
+    consecutive samples is the source once, all of one epoch, epoch after epoch (issue 20, item 5)."""
+    urls = build_clean_corpus(tmp_path, n_shards=4, per_shard=25)
+    keys = corpus_keys(tmp_path)
+    spec = _spec(urls, batch_size=5, shuffle_buffer=1000)
+    job = Job(spec, 2, 2, global_batch=20).run(5)
     state = job.state()
-    ep = state["sources"]["default"]["epochs"]["0"]
-    holes = sum(len(p["holes"]) for p in ep["partial"].values())
-    assert 0 < holes <= 20 + 4  # samples still in the buffer, at most a buffer and a batch
-    again = Progress(job.spec.sources, seed=0, mode="epoch")
-    again.load_state(state)
-    assert Progress.merged([again.to_state()], job.spec.sources)["sources"] == state["sources"]
     job.close()
+    resumed = Job(spec, 1, 4, state, global_batch=20).run(10)  # and resumed in the middle of epoch 0
+    resumed.close()
+    delivered = job.delivered + resumed.delivered
+    assert len(delivered) == 300
+    for e in range(3):
+        chunk = delivered[e * 100:(e + 1) * 100]
+        assert {ep for ep, _ in chunk} == {e}
+        assert sorted(k for _, k in chunk) == sorted(keys)
+    assert [k for _, k in delivered[:100]] != [k for _, k in delivered[100:200]]  # reshuffled each epoch
+    assert len(json.dumps(resumed.state())) < 2048
+
+
+def test_position_for_100k_shards_is_kilobytes(capsys) -> None:
+    """A LAION-scale source: the position does not grow with the number of shards."""
+    import time
+
+    from data_pipeline.position import StreamCursor, SubCursor, stream_shards
+
+    info = SourceInfo("laion", tuple(f"s3://laion/{i:06d}.tar" for i in range(100_000)))
+    pos = Position([info], seed=3, mode="epoch", num_streams=64, unit_size=32)
+    rng = np.random.default_rng(0)
+    for k in range(64):
+        pos.cursors[k] = StreamCursor(int(rng.integers(10**9)), [SubCursor(2, int(rng.integers(10**5)), 1562,
+                                                                             int(rng.integers(10**4)), 17)])
+    pos.units_consumed = 64 * 10**6
+    t0 = time.perf_counter()
+    text = json.dumps(pos.to_state())
+    t1 = time.perf_counter()
+    again = Position([info], seed=3, mode="epoch", num_streams=1, unit_size=32)
+    again.load_state(json.loads(text))
+    t2 = time.perf_counter()
+    shards = stream_shards(100_000, seed=3, source=0, stream=5, num_streams=64, epoch=2, mode="epoch", shuffle=True)
+    t3 = time.perf_counter()
+    with capsys.disabled():
+        print(f"\nposition of 100,000 shards x 64 streams: {len(text) / 1024:.1f} KB; save {1e3 * (t1 - t0):.1f} ms, "
+              f"restore {1e3 * (t2 - t1):.1f} ms, one stream's shard order {1e3 * (t3 - t2):.1f} ms")
+    assert len(text) < 16 * 1024
+    assert again.to_state() == json.loads(text)
+    assert len(shards) in (1562, 1563) and len(set(shards)) == len(shards)
 
 
 def test_mismatched_position_names_what_differs(clean, tmp_path: Path) -> None:
@@ -117,10 +204,27 @@ def test_mismatched_position_names_what_differs(clean, tmp_path: Path) -> None:
     assert reseeded.next_batch()["ids"][0][1] == 0
 
 
-def test_too_few_shards_for_the_readers_is_a_clear_error(clean) -> None:
+def test_too_few_shards_for_the_streams_is_a_clear_error(clean) -> None:
     urls, _ = clean
-    with pytest.raises(ValueError, match=r"has 2 shard\(s\) but 2 rank\(s\) x 2 worker\(s\) = 4 readers"):
-        StreamingBatches(_spec(urls[:2]), rank=0, world_size=2, num_workers=2)
+    with pytest.raises(ValueError, match=r"has 2 shard\(s\) but 4 canonical streams need at least one each"):
+        StreamingBatches(_spec(urls[:2]), rank=0, world_size=2, num_workers=2).next_batch()
+    with pytest.raises(ValueError, match=r"has 2 shard\(s\) but 3 canonical streams"):
+        StreamingBatches(_spec(urls[:2], num_streams=3), rank=0, world_size=1)
+
+
+def test_a_layout_that_cannot_drive_the_streams_is_refused_with_the_ones_that_can(clean) -> None:
+    urls, _ = clean
+    job = Job(_spec(urls), world=2, workers=2)  # 4 canonical streams
+    job.step()
+    state = job.state()
+    job.close()
+    for world, workers in ((1, 3), (3, 1), (2, 4)):
+        b = StreamingBatches(_spec(urls), rank=0, world_size=world, num_workers=workers)
+        with pytest.raises(ValueError, match=r"4 canonical streams.*cannot share evenly.*1x\{1,2,4\}, 2x\{1,2\}, "
+                                             r"4x\{1\}"):
+            b.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"data.num_streams=-1"):
+        _spec(urls, num_streams=-1)
 
 
 def test_random_crops_and_flips_depend_on_the_sample_not_the_layout(clean) -> None:
@@ -153,14 +257,37 @@ def test_corrupt_corpus_is_skipped_and_counted_exactly(tmp_path: Path) -> None:
     assert sorted(epoch0) == sorted(corpus["good_keys"])
     # The counts cover epoch 0 and what of epoch 1 was consumed before it closed.
     assert all(state["skipped"].get(r, 0) >= n for r, n in corpus["skipped"].items())
-    # Exact counts: a run over exactly one epoch (no shuffle, one reader) stops at its close.
+    # Exact counts: one stream, no shuffle, one sample a batch. Epoch 0 closes with the first sample
+    # of epoch 1, whose bad predecessors are those before the first sample of epoch 0.
     single = Job(_spec(corpus["urls"], batch_size=1, shuffle_buffer=0, image_keys=("jpg", "png"),
-                       shuffle_shards=False), world=1, workers=0)
+                       shuffle_shards=False, num_streams=1), world=1, workers=0)
+    single.step()
+    before_first = Counter(single.state()["skipped"])
     while not single.epoch_closed(0):
         single.step()
     counts = Counter(single.state()["skipped"])
     single.close()
-    assert counts == corpus["skipped"]
+    assert counts - before_first == corpus["skipped"]
+
+
+def test_bad_data_is_skipped_at_the_same_places_after_a_resume(tmp_path: Path) -> None:
+    """Truncated tar, undecodable images, missing parts: the resumed run skips them where the
+    uninterrupted run does, and counts the same."""
+    corpus = build_corrupt_corpus(tmp_path)
+    spec = _spec(corpus["urls"], batch_size=2, shuffle_buffer=5, image_keys=("jpg", "png"))
+    reference = Job(spec, 2, 2, global_batch=4).run(12)
+    want = reference.state()
+    reference.close()
+    assert {0, 1} <= {e for e, _ in reference.delivered}  # across epoch boundaries
+    steps, state = [], None
+    for (world, workers), n in (((2, 2), 3), ((1, 1), 4), ((1, 4), 2), ((2, 1), 3)):
+        job = Job(spec, world, workers, state, global_batch=4).run(n)
+        steps += job.steps
+        state = job.state()
+        job.close()
+    assert steps == reference.steps
+    assert state["skipped"] == want["skipped"] and state["cursors"] == want["cursors"]
+    assert set(state["skipped"]) == set(corpus["skipped"])
 
 
 def _garbage_shards(tmp_path: Path, n: int) -> list[str]:
@@ -197,7 +324,7 @@ def test_weighted_sources_are_mixed_and_tracked_separately(tmp_path: Path) -> No
     for _ in range(20):
         sources.update(i[0] for i in sb.next_batch()["ids"])
     assert 0.6 < sources[0] / 80 < 0.9  # weight 3:1 (binomial: 0.75 +- 0.05)
-    assert set(sb.progress.to_state()["sources"]) == {"a", "b"}
+    assert list(sb.position.to_state()["sources"]) == ["a", "b"]
 
 
 def test_resampled_mode_draws_shards_with_replacement(clean) -> None:
@@ -206,7 +333,7 @@ def test_resampled_mode_draws_shards_with_replacement(clean) -> None:
     shards = [i[2] for _ in range(40) for i in sb.next_batch()["ids"]]
     runs = [shards[i] for i in range(0, len(shards), PER_SHARD)]
     assert len(set(runs)) < len(runs)  # some shard drawn twice in 16 draws of 6
-    state = sb.progress.to_state()
+    state = sb.position.to_state()
     assert state["mode"] == "resampled" and state["delivered"] == 160
 
 
@@ -370,3 +497,58 @@ def test_a_wrong_url_fails_before_training_starts(clean, tmp_path: Path) -> None
     assert spec.sources[0].urls == tuple(urls) and spec.batch_size == 4
     with pytest.raises(ValueError, match=r"data.crop='middle' is invalid"):
         OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), {"crop": "middle"}))
+
+
+def test_a_source_whose_shards_all_fail_fails_the_run_naming_it(tmp_path: Path) -> None:
+    """One dead source among good ones: a clear error naming it, not an endless 'skipped' loop."""
+    good = build_clean_corpus(tmp_path / "good", n_shards=2, per_shard=6)
+    spec = StreamSpec(sources=(SourceInfo("good", tuple(good)), SourceInfo("dead", tuple(_garbage_shards(tmp_path, 2)))),
+                      weights=(1.0, 1.0), image_size=16, batch_size=2, shuffle_buffer=0,
+                      retry=RetryPolicy(max_retries=0))
+    b = StreamingBatches(spec, rank=0, world_size=1, num_workers=1)
+    with pytest.raises(EmptySourceError, match=r"data source 'dead' \(2 shards.*every shard of canonical stream 0/2 "
+                                               r"failed in 2 passes"):
+        for _ in range(50):
+            b.next_batch()
+    b.close()
+
+
+def test_a_stop_signal_ends_the_wait_for_slow_storage(monkeypatch) -> None:
+    """A worker retrying an unreachable S3 endpoint: the stop request is seen at the next poll."""
+    import time
+
+    from trainer.runtime.lifecycle import StopWaiting
+    from s3_server import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    spec = _spec(["s3://nowhere/00000.tar"], retry=RetryPolicy(max_retries=1000, backoff_s=1, max_backoff_s=1),
+                 s3=S3Options(endpoint_url=endpoint, connect_timeout_s=1, max_attempts=1))
+    stop_at = time.monotonic() + 3.0
+    polls = []
+
+    def requested() -> bool:
+        polls.append(time.monotonic())
+        return polls[-1] >= stop_at
+
+    b = StreamingBatches(spec, rank=0, world_size=1, num_workers=1, stop_requested=requested, poll_s=1.0)
+    with pytest.raises(StopWaiting):
+        b.next_batch()
+    b.close()
+    assert len(polls) >= 2  # the wait went on through polls until the stop came
+
+
+def test_s3_run_resumed_on_other_layouts_is_the_local_run(s3_server, mixed) -> None:
+    """Through the S3 server: 2 x 2 stopped, resumed as 1 x 1 and back on 2 x 2 gives the batches an
+    uninterrupted 2 x 2 run on the local copies gives (keys, order, epochs, sample positions)."""
+    from s3_server import make_bucket, s3_storage_options, upload_tree
+
+    make_bucket(s3_server.endpoint_url, "stream-resume")
+    upload_tree(Path(mixed[0]).parent, "s3://stream-resume/shards", s3_storage_options(s3_server.endpoint_url))
+    s3_urls = [f"s3://stream-resume/shards/{Path(u).name}" for u in mixed]
+    local = Job(_spec(mixed, shuffle_buffer=7), 2, 2, global_batch=8).run(10)
+    local.close()
+    got = _stopped_and_resumed(_s3_spec(s3_urls, s3_server.endpoint_url, shuffle_buffer=7), [(2, 2), (1, 1), (2, 2)],
+                               [3, 7], 10, 8)
+    assert got == local.steps

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from corpus import build_corrupt_corpus
-from train_helpers import latest, run
+from train_helpers import latest, losses, run
 from wandb_records import history_by_step, offline_run_files, read_wandb_records
 
 STREAM = ["data=webdataset", "data.image_size=16", "data.image_keys=[jpg,png]", "data.shuffle_buffer=4",
@@ -20,15 +20,9 @@ def _state(run_dir: Path) -> dict:
     return json.loads((run_dir / "checkpoints" / latest(run_dir) / "trainer_state.json").read_text())
 
 
-def _accounted(state: dict) -> int:
-    """Samples the position says were consumed or skipped (finished shards counted by their totals
-    is not possible from the state alone, so this counts partial shards only)."""
-    total = 0
-    for src in state["data"]["sources"].values():
-        for ep in src["epochs"].values():
-            for p in ep["partial"].values():
-                total += p["hi"] - len(p["holes"])
-    return total
+def _drawn(state: dict) -> int:
+    """Raw samples the position says its canonical streams drew (delivered or skipped as bad)."""
+    return sum(c["draws"] for c in state["data"]["cursors"].values())
 
 
 def test_streamed_training_counts_bad_data_and_refuses_other_data(tmp_path: Path) -> None:
@@ -71,6 +65,30 @@ def test_two_ranks_merge_their_positions(tmp_path: Path) -> None:
                            "train.max_steps=3", "checkpoint.interval_steps=3"], nproc=2)
     state = _state(run_dir)
     # Both ranks' consumption is in the one saved position: 3 steps x 8 samples, nothing skipped.
-    assert state["data"]["delivered"] == 24 and _accounted(state) == 24
-    slots_used = len(state["data"]["sources"]["default"]["epochs"]["0"]["partial"])
-    assert slots_used == 4  # 2 ranks x 2 workers, one shard each
+    assert state["data"]["delivered"] == 24 and _drawn(state) == 24
+    assert state["data"]["units_consumed"] == 6  # 3 steps x 2 micro-batches of 4
+    cursors = state["data"]["cursors"]
+    assert len(cursors) == 4 and all(c["draws"] == 6 for c in cursors.values())  # 4 streams, 6 samples each
+
+
+@pytest.mark.slow
+def test_a_resized_streamed_run_continues_the_uninterrupted_one_bitwise(tmp_path: Path) -> None:
+    """2 ranks x 2 workers for 10 steps vs the same run stopped after step 3, resumed on 2 ranks x 1
+    worker to step 6 and back on 2 x 2: the losses after each resume are bitwise those of the
+    uninterrupted run (fp32), across the epoch boundary (80 samples, 8 a step), and the final data
+    positions are the same."""
+    from corpus import build_clean_corpus
+
+    urls = build_clean_corpus(tmp_path / "data", n_shards=8, per_shard=10)
+    common = STREAM + ["data.urls=[" + ",".join(urls) + "]", "checkpoint.interval_steps=100"]
+    ref_dir = tmp_path / "ref"
+    run(ref_dir, common + ["data.num_workers=2", "train.max_steps=10"], nproc=2)
+    run_dir = tmp_path / "run"
+    for workers, steps in ((2, 3), (1, 6), (2, 10)):
+        run(run_dir, common + [f"data.num_workers={workers}", f"train.max_steps={steps}"], nproc=2)
+    ref, got = losses(ref_dir), losses(run_dir)
+    assert sorted(got) == sorted(ref) == list(range(1, 11))
+    assert all(got[s] == ref[s] for s in range(1, 11)), {s: (got[s], ref[s]) for s in ref}
+    want, have = _state(ref_dir)["data"], _state(run_dir)["data"]
+    assert have["cursors"] == want["cursors"] and have["units_consumed"] == want["units_consumed"] == 20
+    assert min(sub[0] for c in have["cursors"].values() for sub in c["subs"]) >= 1  # into epoch 1

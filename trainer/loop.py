@@ -20,7 +20,7 @@ from trainer.runtime.checkpoint import (CheckpointStore, ResumePoint, convert_to
                                         tag_for)
 from trainer.runtime.device import DEVICES, peak_memory_gb
 from trainer.runtime.ema import EMA
-from trainer.runtime.lifecycle import StopRequest, requeue_slurm_job
+from trainer.runtime.lifecycle import StopRequest, StopWaiting, requeue_slurm_job
 from trainer.runtime.tracking import RunTracker
 from trainer.tasks.base import Task
 
@@ -72,6 +72,9 @@ class TrainLoopConfig:
 
 
 EXIT_NAN = 3  # the process exit code when train.max_consecutive_nan_steps stopped the run
+# A stop signal ended a wait for data: the ranks may be at different points of the step, so no checkpoint
+# is written and a non-zero code makes the launcher stop the other ranks (issue 19 item 11).
+EXIT_STOPPED_WAITING = 4
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,19 @@ class TrainLoop:
         """Runs to ``max_steps`` or a stop signal; returns the process exit code."""
         self.tracker, cadence = tracker, self.cadence
         stop = StopRequest(cadence.stop_signals)
+        self.batches.watch_stop(lambda: stop.requested)
         start_step, t_start, exit_code, last_eval = self.step, time.time(), 0, {}
         try:
             while self.step < cadence.max_steps:
-                result = self.train_step(stop)
+                try:
+                    result = self.train_step(stop)
+                except StopWaiting:
+                    log.warning("stopped by %s while waiting for data in step %d; the last checkpoint (%s) is the "
+                                "one to resume from", stop.received, self.step + 1, self.store.latest_tag())
+                    if stop.received == cadence.requeue_signal and self.rank == 0:
+                        requeue_slurm_job(cadence.max_requeues)
+                    exit_code = EXIT_STOPPED_WAITING
+                    break
                 if self.consecutive_nan >= cadence.max_consecutive_nan_steps:
                     log.error("stopping: %d consecutive steps had a non-finite loss (train.max_consecutive_nan_steps="
                               "%d); the last checkpoint is the one to resume from after lowering optim.lr or checking "
@@ -172,6 +184,10 @@ class TrainLoop:
                     last_eval = self.evaluate()
         finally:
             stop.restore()
+        if exit_code == EXIT_STOPPED_WAITING:  # no collective: another rank may be inside the step's
+            self.batches.close()
+            self.tracker.finish(exit_code)
+            return exit_code
         finished = self.step >= cadence.max_steps and exit_code == 0
         if finished:
             if self.store.latest_tag() != tag_for(self.step):

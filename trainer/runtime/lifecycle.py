@@ -78,6 +78,10 @@ class SlurmConfig:
 
 
 
+class StopWaiting(RuntimeError):
+    """A stop signal arrived while the data loader was waiting for data (raised by the batch source)."""
+
+
 class StopRequest:
     def __init__(self, signals: Sequence[str] = DEFAULT_SIGNALS) -> None:
         self.received: Optional[str] = None
