@@ -79,5 +79,6 @@ def slurm_two_nodes():
     reason = multi_node_unavailable()
     if reason:
         pytest.skip(f"two-node SLURM cluster unavailable: {reason}")
-    with MultiNodeSlurmCluster(num_nodes=2) as cluster:
+    # 4 CPUs per node (declared; slurm.conf's values win): two 2-node jobs of 2 tasks run at once.
+    with MultiNodeSlurmCluster(num_nodes=2, num_cpus=4) as cluster:
         yield cluster
