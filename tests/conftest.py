@@ -65,3 +65,20 @@ def slurm_cluster():
         pytest.skip("slurmctld is not installed (apt-get install -y slurm-wlm munge)")
     with SlurmCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes():
+    """A real two-node SLURM cluster (tests/slurm_cluster.py, MultiNodeSlurmCluster): one slurmd per
+    network namespace, ``node1`` and ``node2``, each with its own address on interface ``tnet0``.
+
+    Skipped with the reason when this machine cannot run it (no root, no network namespaces, no SLURM).
+    """
+    from slurm_cluster import MultiNodeSlurmCluster, multi_node_unavailable
+
+    reason = multi_node_unavailable()
+    if reason:
+        pytest.skip(f"two-node SLURM cluster unavailable: {reason}")
+    # 4 CPUs per node (declared; slurm.conf's values win): two 2-node jobs of 2 tasks run at once.
+    with MultiNodeSlurmCluster(num_nodes=2, num_cpus=4) as cluster:
+        yield cluster

@@ -23,6 +23,7 @@ import os
 import pwd
 import re
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 LOOPBACK = "127.0.0.1"
 # States in which a job stays until slurmctld purges it (MinJobAge after it ended).
@@ -88,13 +89,22 @@ def parse_job_record(line: str) -> dict[str, str]:
 
 def render_slurm_conf(*, root: Path, host: str, slurmctld_port: int, slurmd_port: int, num_cpus: int,
                       real_memory_mb: int, user: str, munge_socket: Path, cred_expire_s: int,
-                      bind_loopback_only: bool) -> str:
-    """The slurm.conf text of a one-node cluster whose every file is under ``root``."""
+                      bind_loopback_only: bool, controller_addr: str = LOOPBACK,
+                      nodes: Sequence[tuple[str, str]] | None = None) -> str:
+    """The slurm.conf text of a cluster whose every file is under ``root``.
+
+    ``nodes`` are (NodeName, NodeAddr) pairs, default one node named ``host`` on 127.0.0.1. With
+    several nodes each slurmd gets its own spool, pid and log file (``%n``: its node name).
+    """
+    nodes = list(nodes) if nodes is not None else [(host, LOOPBACK)]
     comm = "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny\n" if bind_loopback_only else ""
+    per_node = "-%n" if len(nodes) > 1 else ""
+    node_lines = "".join(f"NodeName={name} NodeAddr={addr} CPUs={num_cpus} RealMemory={real_memory_mb} "
+                         "State=UNKNOWN\n" for name, addr in nodes)
     return (
-        "# One-node test cluster written by tests/slurm_cluster.py\n"
+        f"# {len(nodes)}-node test cluster written by tests/slurm_cluster.py\n"
         "ClusterName=test\n"
-        f"SlurmctldHost={host}({LOOPBACK})\n"
+        f"SlurmctldHost={host}({controller_addr})\n"
         f"SlurmctldPort={slurmctld_port}\n"
         f"SlurmdPort={slurmd_port}\n"
         # The daemons bind to what the hostname resolves to instead of 0.0.0.0 (only when that is
@@ -108,11 +118,11 @@ def render_slurm_conf(*, root: Path, host: str, slurmctld_port: int, slurmd_port
         # the default 120 s would make every requeue test wait two minutes. 5 is the minimum.
         f"AuthInfo=socket={munge_socket},cred_expire={cred_expire_s}\n"
         f"StateSaveLocation={root / 'state'}\n"
-        f"SlurmdSpoolDir={root / 'spool'}\n"
+        f"SlurmdSpoolDir={root / 'spool'}{'/%n' if per_node else ''}\n"
         f"SlurmctldPidFile={root / 'run' / 'slurmctld.pid'}\n"
-        f"SlurmdPidFile={root / 'run' / 'slurmd.pid'}\n"
+        f"SlurmdPidFile={root / 'run' / f'slurmd{per_node}.pid'}\n"
         f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}\n"
-        f"SlurmdLogFile={root / 'log' / 'slurmd.log'}\n"
+        f"SlurmdLogFile={root / 'log' / f'slurmd{per_node}.log'}\n"
         "MailProg=/bin/true\n"  # the default /bin/mail is not installed; slurmctld logs an error for it
         "SlurmctldDebug=info\n"
         "SlurmdDebug=info\n"
@@ -139,7 +149,7 @@ def render_slurm_conf(*, root: Path, host: str, slurmctld_port: int, slurmd_port
         "SlurmctldTimeout=10\n"
         "SlurmdTimeout=30\n"
         "InactiveLimit=0\n"
-        f"NodeName={host} NodeAddr={LOOPBACK} CPUs={num_cpus} RealMemory={real_memory_mb} State=UNKNOWN\n"
+        f"{node_lines}"
         "PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES\n"
     )
 
@@ -198,6 +208,9 @@ class SlurmCluster:
         # A tree we created is removed by stop(), unless start() failed: then its logs explain why.
         self._remove_root_on_stop = root_dir is None
         self.host = short_hostname()
+        self.controller_addr = LOOPBACK
+        self.nodes: list[tuple[str, str]] = [(self.host, LOOPBACK)]
+        """(NodeName, NodeAddr) of each node, in slurm.conf order."""
         self.num_cpus = num_cpus if num_cpus is not None else max(2, len(os.sched_getaffinity(0)))
         self.real_memory_mb = real_memory_mb
         self.cred_expire_s = cred_expire_s
@@ -232,15 +245,17 @@ class SlurmCluster:
         try:
             self._write_tree()
             self._start_munged()
-            conf = str(self.conf_path)
-            self._spawn("slurmctld", [find_binary("slurmctld"), "-D", "-f", conf])  # type: ignore[list-item]
-            self._spawn("slurmd", [find_binary("slurmd"), "-D", "-f", conf])  # type: ignore[list-item]
+            self._spawn("slurmctld", [find_binary("slurmctld"), "-D", "-f", str(self.conf_path)])  # type: ignore[list-item]
+            self._start_slurmds()
             self._wait_until_idle()
         except BaseException:
             self._remove_root_on_stop = False
             self.stop()
             raise
         return self
+
+    def _start_slurmds(self) -> None:
+        self._spawn("slurmd", [find_binary("slurmd"), "-D", "-f", str(self.conf_path)])  # type: ignore[list-item]
 
     def _write_tree(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -265,8 +280,12 @@ class SlurmCluster:
             root=self.root, host=self.host, slurmctld_port=self.slurmctld_port,
             slurmd_port=self.slurmd_port, num_cpus=self.num_cpus, real_memory_mb=self.real_memory_mb,
             user=pwd.getpwuid(os.getuid()).pw_name, munge_socket=self.munge_socket,
-            cred_expire_s=self.cred_expire_s, bind_loopback_only=hostname_is_loopback(self.host))
+            cred_expire_s=self.cred_expire_s, bind_loopback_only=self._bind_loopback_only(),
+            controller_addr=self.controller_addr, nodes=self.nodes)
         _write_atomic(self.conf_path, text, 0o644)
+
+    def _bind_loopback_only(self) -> bool:
+        return hostname_is_loopback(self.host)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         with open(self.log_dir / f"{name}.out", "ab") as log:
@@ -296,12 +315,13 @@ class SlurmCluster:
         last = ""
         while True:
             self._check_daemons_alive("a daemon exited before the node became idle")
-            result = self.run("sinfo", "-h", "-o", "%T", check=False, timeout_s=15)
+            result = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False, timeout_s=15)
             last = (result.stdout + result.stderr).strip()
-            if result.returncode == 0 and last == "idle":
+            states = dict(line.split() for line in result.stdout.splitlines() if len(line.split()) == 2)
+            if result.returncode == 0 and states == {name: "idle" for name, _ in self.nodes}:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node {self.host} not idle within {self.start_timeout_s} s "
+                raise RuntimeError(f"nodes {[n for n, _ in self.nodes]} not idle within {self.start_timeout_s} s "
                                    f"(sinfo: {last!r})\n{self.log_tails()}")
             time.sleep(0.2)  # polling interval for slurmd's registration
 
@@ -316,13 +336,19 @@ class SlurmCluster:
         ctld = self.processes.get("slurmctld")
         if ctld is not None and ctld.poll() is None:
             self.cancel_all_jobs()
-        for name in ("slurmd", "slurmctld", "munged"):  # munged last: the others talk to it on the way out
+        # slurmd first (each node's), munged last: the others talk to it on the way out.
+        names = [n for n in self.processes if n.startswith("slurmd")] + ["slurmctld", "munged"]
+        for name in names:
             process = self.processes.get(name)
             if process is not None:
                 self._terminate(process)
         self._kill_leftovers()
+        self._after_stop()
         if self._remove_root_on_stop and self.root.exists():
             shutil.rmtree(self.root)
+
+    def _after_stop(self) -> None:
+        """Called by ``stop()`` once no process of the cluster is left (the network goes here)."""
 
     def cancel_all_jobs(self) -> None:
         """scancel every queued job and wait (KillWait + stop_timeout_s at most) until the queue is
@@ -396,7 +422,8 @@ class SlurmCluster:
 
     @property
     def daemon_pids(self) -> dict[str, int]:
-        """{"munged": pid, "slurmctld": pid, "slurmd": pid} of the daemons started (running or not)."""
+        """{"munged": pid, "slurmctld": pid, "slurmd": pid} of the daemons started (running or not);
+        a multi-node cluster names each node's ``slurmd-<node>``."""
         return {name: p.pid for name, p in self.processes.items()}
 
     def __enter__(self) -> SlurmCluster:
@@ -474,6 +501,160 @@ class SlurmCluster:
     def log_tails(self, num_chars: int = 3000) -> str:
         """The end of each daemon's output, for error messages."""
         parts = []
-        for name in ("munged.out", "slurmctld.out", "slurmd.out", "slurmd.log"):
+        slurmd_logs = sorted(p.name for p in self.log_dir.glob("slurmd*")) or ["slurmd.out", "slurmd.log"]
+        for name in ("munged.out", "slurmctld.out", *slurmd_logs):
             parts.append(f"--- {self.log_dir / name} ---\n{_tail(self.log_dir / name, num_chars)}")
         return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- several nodes
+
+# The interface each node's namespace gets: what a job sets GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to.
+NODE_IFNAME = "tnet0"
+# Node subnets are 10.NET_OCTET.X.0/24, X chosen per cluster among those no local interface holds.
+NET_OCTET = 219
+_NETNS_DIR = Path("/etc/netns")
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    ip = find_binary("ip")
+    if ip is None:
+        raise FileNotFoundError("`ip` not found: apt-get install -y iproute2")
+    result = subprocess.run([ip, *args], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+    return result
+
+
+def multi_node_unavailable() -> str | None:
+    """Why a MultiNodeSlurmCluster cannot run here (no root, no ``ip``, no network namespaces, no
+    SLURM), or None when it can."""
+    if not slurm_installed():
+        return "SLURM is not installed (apt-get install -y slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "network namespaces and SlurmUser=root need root"
+    if find_binary("ip") is None:
+        return "`ip` is not installed (apt-get install -y iproute2)"
+    probe = f"slurm-probe-{os.getpid()}"
+    added = _ip("netns", "add", probe, check=False)
+    if added.returncode != 0:
+        return f"cannot create a network namespace (ip netns add: {added.stderr.strip()})"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+class MultiNodeSlurmCluster(SlurmCluster):
+    """``num_nodes`` SLURM nodes on this machine, one ``slurmd`` per Linux network namespace.
+
+    The Debian build lacks ``--enable-multiple-slurmd``, so the nodes are told apart by network
+    rather than by port: a bridge in this (the host's) namespace holds slurmctld's address
+    10.219.X.1, and a veth pair links it to each node's namespace (``ip netns``), where the node has
+    its own address 10.219.X.(i+1) on interface ``NODE_IFNAME``. Each slurmd runs through
+    ``nsenter --net`` with ``-N node<i>``, in a private mount table where ``/etc/netns/<ns>/hosts`` is
+    bind-mounted over /etc/hosts for the node and everything it starts (as ``ip netns exec`` does), so ``node1``/``node2`` resolve there (as DNS
+    would on a real cluster) and this machine's hostname resolves to the node's own address. Jobs
+    therefore meet the real multi-node problems: the rendezvous at the first node's address, a
+    socket interface to choose, peers that can die. munged and the files stay shared (one
+    filesystem, as with NFS). ``stop()`` kills the processes by PID as the one-node cluster does,
+    then deletes the namespaces, the bridge and the hosts files it created, nothing else.
+    """
+
+    def __init__(self, num_nodes: int = 2, **kwargs) -> None:
+        if num_nodes < 2:
+            raise ValueError(f"num_nodes={num_nodes}: use SlurmCluster for one node")
+        super().__init__(**kwargs)
+        self.num_nodes = num_nodes
+        tag = os.urandom(3).hex()  # interface names are at most 15 characters
+        self.bridge = f"sb{tag}"
+        self.namespaces = [f"slurm-{tag}-n{i}" for i in range(1, num_nodes + 1)]
+        self._host_veths = [f"sv{tag}{i}" for i in range(1, num_nodes + 1)]
+        self._created: list[tuple[str, str]] = []  # ("netns"|"link"|"hosts", name), for teardown
+
+    @property
+    def node_names(self) -> list[str]:
+        return [name for name, _ in self.nodes]
+
+    def node_addr(self, node: str) -> str:
+        return dict(self.nodes)[node]
+
+    def _bind_loopback_only(self) -> bool:
+        return False  # every daemon has its own namespace; 0.0.0.0 there is the node's address
+
+    def _free_subnet(self) -> int:
+        held = _ip("-o", "-4", "addr", "show").stdout
+        used = {int(m) for m in re.findall(rf"inet 10\.{NET_OCTET}\.(\d+)\.", held)}
+        free = [x for x in range(1, 255) if x not in used]
+        if not free:
+            raise RuntimeError(f"every 10.{NET_OCTET}.X.0/24 is held by an interface here")
+        return free[int.from_bytes(os.urandom(2), "big") % len(free)]
+
+    def _write_tree(self) -> None:
+        self._build_network()
+        super()._write_tree()
+
+    def _build_network(self) -> None:
+        net = f"10.{NET_OCTET}.{self._free_subnet()}"
+        self.controller_addr = f"{net}.1"
+        self.nodes = [(f"node{i}", f"{net}.{i + 1}") for i in range(1, self.num_nodes + 1)]
+        _ip("link", "add", self.bridge, "type", "bridge")
+        self._created.append(("link", self.bridge))
+        _ip("addr", "add", f"{self.controller_addr}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        hostname = socket.gethostname()
+        for ns, veth, (node, addr) in zip(self.namespaces, self._host_veths, self.nodes):
+            _ip("netns", "add", ns)
+            self._created.append(("netns", ns))
+            _ip("link", "add", veth, "type", "veth", "peer", "name", NODE_IFNAME, "netns", ns)
+            self._created.append(("link", veth))
+            _ip("link", "set", veth, "master", self.bridge, "up")
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", NODE_IFNAME)
+            _ip("-n", ns, "link", "set", NODE_IFNAME, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            etc = _NETNS_DIR / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            self._created.append(("hosts", str(etc)))
+            lines = ["127.0.0.1 localhost", f"{addr} {hostname}",  # gethostname() -> this node's address
+                     f"{self.controller_addr} slurmctld",
+                     *(f"{a} {n}" for n, a in self.nodes)]
+            _write_atomic(etc / "hosts", "\n".join(lines) + "\n", 0o644)
+
+    def _start_slurmds(self) -> None:
+        tools = {n: find_binary(n) for n in ("nsenter", "unshare", "mount", "slurmd")}
+        missing = [n for n, path in tools.items() if path is None]
+        if missing:
+            raise FileNotFoundError(f"{missing} not found: apt-get install -y util-linux mount slurm-wlm")
+        for ns, (node, _) in zip(self.namespaces, self.nodes):
+            (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+            # Not `ip netns exec`: it remounts /sys, which hides the cgroup filesystem slurmd needs.
+            # nsenter enters the node's network, unshare gives it a private mount table (so the hosts
+            # file is the node's alone), and each of them and the shell exec the next: slurmd keeps the PID.
+            script = (f"mount --bind {shlex.quote(str(_NETNS_DIR / ns / 'hosts'))} /etc/hosts && "
+                      f"exec {shlex.quote(tools['slurmd'])} -D -N {node} -f {shlex.quote(str(self.conf_path))}")
+            self._spawn(f"slurmd-{node}", [tools["nsenter"], f"--net=/run/netns/{ns}", "--",
+                                           tools["unshare"], "--mount", "--propagation", "slave", "--",
+                                           "/bin/sh", "-c", script])
+
+    def _after_stop(self) -> None:
+        errors = []
+        for kind, name in reversed(self._created):
+            if kind == "hosts":
+                shutil.rmtree(name, ignore_errors=True)
+                continue
+            # Deleting a namespace destroys its end of the veth pair, which takes the host end along.
+            result = _ip("netns", "del", name, check=False) if kind == "netns" else _ip("link", "del", name, check=False)
+            if result.returncode != 0 and "Cannot find device" not in result.stderr:
+                errors.append(f"{kind} {name}: {result.stderr.strip()}")
+        self._created.clear()
+        if errors:
+            warnings.warn(f"MultiNodeSlurmCluster in {self.root}: could not remove {errors}")
+
+    def task_pids(self, job_id: int | str, node: str) -> list[int]:
+        """PIDs of the job's step tasks (and their children) running on ``node``; not slurmstepd, not
+        the batch script."""
+        found = []
+        for pid in self.cluster_pids():
+            env = dict(item.split(b"=", 1) for item in _process_environ(pid).split(b"\0") if b"=" in item)
+            if (env.get(b"SLURM_JOB_ID") == str(job_id).encode() and env.get(b"SLURMD_NODENAME") == node.encode()
+                    and env.get(b"SLURM_STEP_ID", b"").isdigit() and b"SLURM_PROCID" in env):
+                found.append(pid)
+        return found

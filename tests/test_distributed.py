@@ -14,12 +14,16 @@ from trainer.runtime.distributed import (
     DEFAULT_MASTER_PORT,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
+    DistConfig,
     DistEnv,
+    check_layout,
     detect_env,
     expand_nodelist,
     expand_tasks_per_node,
+    format_layout,
     init_process_group,
     is_main_process,
+    node_name,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,3 +320,25 @@ def test_srun_style_two_process_gloo_all_reduce(tmp_path):
     results = _read_results(tmp_path)
     for r in results:
         assert (r["launcher"], r["world_size"], r["local_world_size"], r["sum"]) == ("slurm", 2, 2, 3.0)
+
+
+def test_check_layout_refuses_local_ranks_that_repeat_or_skip_on_a_node():
+    good = [(0, 0, "node1"), (1, 1, "node1"), (2, 0, "node2"), (3, 1, "node2")]
+    check_layout(good)
+    assert format_layout(good) == "node1: ranks 0,1 (local 0,1); node2: ranks 2,3 (local 0,1)"
+    with pytest.raises(ValueError, match=r"node node2 runs 2 ranks whose local ranks are not 0..1 once each "
+                                         r"\(rank 2 local_rank 0, rank 3 local_rank 0\)"):
+        check_layout([(0, 0, "node1"), (1, 1, "node1"), (2, 0, "node2"), (3, 0, "node2")])
+    with pytest.raises(ValueError, match="node node1 runs 1 ranks"):
+        check_layout([(0, 1, "node1")])
+
+
+def test_node_name_prefers_slurms_name_for_the_node():
+    assert node_name({"SLURMD_NODENAME": "gpu-a17"}) == "gpu-a17"
+    assert node_name({}) == socket.gethostname()
+
+
+@pytest.mark.parametrize("value", [0, -5, float("inf"), "soon"])
+def test_dist_timeout_must_be_positive_seconds(value):
+    with pytest.raises(ValueError, match=re.escape(f"dist.timeout_s={value!r} is invalid; allowed: a number of seconds > 0")):
+        DistConfig(timeout_s=value)

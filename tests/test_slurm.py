@@ -128,3 +128,15 @@ def test_precompute_job_array_matches_one_process(slurm_cluster, tmp_path) -> No
     assert (array / "manifest.json").exists(), log
     assert {p.name: p.read_bytes() for p in array.glob("*.tar")} == {p.name: p.read_bytes() for p in single.glob("*.tar")}
     assert len(list(array.glob("*.tar"))) == 7
+
+
+def test_socket_interface_is_exported_for_gloo_and_nccl_and_checked(tmp_path: Path) -> None:
+    script = _dry_run("experiment=tiny", f"run_dir={tmp_path}/run", "slurm.nodes=2", "slurm.socket_ifname=ib0")
+    assert "export GLOO_SOCKET_IFNAME=ib0 NCCL_SOCKET_IFNAME=ib0" in script.splitlines()
+    script = _dry_run("experiment=tiny", f"run_dir={tmp_path}/run", "slurm.socket_ifname='ib0,ib1'")  # the documented form
+    assert "export GLOO_SOCKET_IFNAME=ib0,ib1 NCCL_SOCKET_IFNAME=ib0,ib1" in script.splitlines()
+    assert "GLOO_SOCKET_IFNAME" not in _dry_run("experiment=tiny", f"run_dir={tmp_path}/run")
+    proc = subprocess.run([*SUBMIT, "experiment=tiny", "slurm.socket_ifname='ib0 && reboot'", "--dry-run"], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "slurm.socket_ifname='ib0 && reboot' is invalid" in proc.stderr
+

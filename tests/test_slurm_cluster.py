@@ -106,3 +106,44 @@ def test_stop_leaves_no_daemon_step_or_task_running(tmp_path: Path) -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", cluster.slurmctld_port), timeout=2).close()
     cluster.stop()  # idempotent
+
+
+@pytest.mark.slow
+def test_two_node_cluster_places_tasks_on_both_nodes_with_their_own_address(slurm_two_nodes, tmp_path: Path) -> None:
+    from slurm_cluster import NODE_IFNAME
+
+    out = tmp_path / "nodes.out"
+    job_id = slurm_two_nodes.submit(
+        "#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=2\n"
+        f"#SBATCH --output={out}\n"
+        'echo "batch $SLURMD_NODENAME $SLURM_JOB_NODELIST"\n'
+        f"srun {sys.executable} -c 'import os, socket; "
+        "print(\"task\", os.environ[\"SLURM_PROCID\"], os.environ[\"SLURM_LOCALID\"], os.environ[\"SLURMD_NODENAME\"], "
+        "socket.gethostbyname(os.environ[\"SLURMD_NODENAME\"]), socket.gethostbyname(socket.gethostname()), flush=True)'\n")
+    assert slurm_two_nodes.wait(job_id, timeout_s=60) == "COMPLETED", out.read_text()
+    lines = out.read_text().splitlines()
+    assert "batch node1 node[1-2]" in lines
+    addr = {n: slurm_two_nodes.node_addr(n) for n in ("node1", "node2")}
+    assert addr["node1"] != addr["node2"]
+    # Each task resolves its node's name, and this machine's hostname, to its own node's address.
+    assert sorted(ln for ln in lines if ln.startswith("task ")) == [
+        f"task 0 0 node1 {addr['node1']} {addr['node1']}", f"task 1 1 node1 {addr['node1']} {addr['node1']}",
+        f"task 2 0 node2 {addr['node2']} {addr['node2']}", f"task 3 1 node2 {addr['node2']} {addr['node2']}"]
+    assert NODE_IFNAME == "tnet0"
+
+
+@pytest.mark.slow
+def test_two_node_stop_removes_namespaces_bridge_and_hosts_files(tmp_path: Path) -> None:
+    from slurm_cluster import MultiNodeSlurmCluster, _ip, multi_node_unavailable
+
+    reason = multi_node_unavailable()
+    if reason:
+        pytest.skip(f"two-node SLURM cluster unavailable: {reason}")
+    cluster = MultiNodeSlurmCluster().start()
+    namespaces, bridge = list(cluster.namespaces), cluster.bridge
+    assert set(namespaces) <= set(_ip("netns", "list").stdout.split())
+    cluster.stop()
+    assert not set(namespaces) & set(_ip("netns", "list").stdout.split())
+    assert _ip("link", "show", bridge, check=False).returncode != 0
+    assert not any(Path("/etc/netns", ns).exists() for ns in namespaces)
+    assert cluster.cluster_pids() == []

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_env() -> dict[str, str]:
-    env = dict(os.environ)
+def train_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the settings of a test job; they win over
+    ``base``'s (a SLURM cluster's env carries the caller's own TORCH_EXTENSIONS_DIR, for one)."""
+    env = dict(os.environ if base is None else base)
     env.update(DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
     env.pop("WANDB_API_KEY", None)

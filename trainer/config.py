@@ -22,6 +22,7 @@ from trainer.diffusion.config import DiffusionConfig
 from trainer.loop import TrainLoopConfig
 from trainer.models.config import ModelConfig
 from trainer.runtime.checkpoint import CheckpointConfig
+from trainer.runtime.distributed import DistConfig
 from trainer.runtime.ema import EMAConfig
 from trainer.runtime.engine import DeepSpeedConfig, OptimConfig
 from trainer.runtime.lifecycle import SlurmConfig
@@ -46,6 +47,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # task=autoencoder
 

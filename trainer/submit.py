@@ -60,6 +60,14 @@ def log_dir(s: SlurmConfig, run: Run) -> Path:
     return Path(s.log_dir).resolve() if s.log_dir else run.run_dir / "slurm"
 
 
+def network_lines(s: SlurmConfig) -> str:
+    """The exports that pin gloo and NCCL to ``slurm.socket_ifname`` (nothing when unset)."""
+    if not s.socket_ifname:
+        return "# slurm.socket_ifname unset: gloo/NCCL choose the network interface themselves"
+    name = shlex.quote(s.socket_ifname)
+    return f"export GLOO_SOCKET_IFNAME={name} NCCL_SOCKET_IFNAME={name}"
+
+
 def render_script(s: SlurmConfig, run: Run, overrides: list[str]) -> str:
     """The sbatch script of ``s.job``; ``overrides`` are passed to the job's Python entry point."""
     directives = []
@@ -88,7 +96,7 @@ def render_script(s: SlurmConfig, run: Run, overrides: list[str]) -> str:
         "log_dir": str(log_dir(s, run)),
         "directives": "\n".join(f"#SBATCH {d}" for d in directives),
         "setup": "\n".join(s.setup), "python": shlex.quote(s.python or sys.executable),
-        "overrides": " ".join(shlex.quote(o) for o in job_overrides),
+        "overrides": " ".join(shlex.quote(o) for o in job_overrides), "network": network_lines(s),
     }
     return string.Template(TEMPLATES[s.job].read_text()).substitute(values)
 
@@ -104,7 +112,7 @@ def _render_eval(s: SlurmConfig, run: Run, overrides: list[str], directives: lis
               "time": s.time, "log_dir": str(log_dir(s, run)),
               "directives": "\n".join(f"#SBATCH {d}" for d in directives),
               "setup": "\n".join(s.setup), "python": shlex.quote(s.python or sys.executable),
-              "checkpoint_root": shlex.quote(run.checkpoint_dir), "poll_interval_s": EVAL_POLL_INTERVAL_S,
+              "network": network_lines(s), "checkpoint_root": shlex.quote(run.checkpoint_dir), "poll_interval_s": EVAL_POLL_INTERVAL_S,
               "overrides": " ".join(shlex.quote(o) for o in eval_overrides)}
     return string.Template(TEMPLATES["eval"].read_text()).substitute(values)
 

@@ -12,6 +12,7 @@ the whole run config.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import logging
 import os
@@ -158,10 +159,21 @@ def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
     import deepspeed
 
     if env.world_size > 1 or not torch.distributed.is_initialized():
-        distributed.init_process_group(env, force=True)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+        distributed.init_process_group(env, timeout_s=cfg.dist.timeout_s, force=True)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+    node = distributed.node_name()
     try:
+        layout = distributed.rank_layout(env, node)
+        log.info("%d rank(s) on %d node(s): %s; rendezvous %s:%d (%s); collective timeout %g s", env.world_size,
+                 len({n for _, _, n in layout}), distributed.format_layout(layout), env.master_addr, env.master_port,
+                 env.launcher, cfg.dist.timeout_s)
         return train(cfg, config_dict, env, device)
+    except Exception as err:
+        if env.world_size > 1:  # every rank says who it is: the first failure names the rank and node that saw it
+            log.error("rank %d (local rank %d) on node %s failed: %s: %s", env.rank, env.local_rank, node,
+                      type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        raise
     finally:
         distributed.destroy_process_group()
 

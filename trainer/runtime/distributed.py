@@ -22,14 +22,17 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from trainer.checks import invalid, is_float
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,22 @@ _EXPLICIT_MARKERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # Set by srun for every task it starts (Slurm src/common/env.c, env_array_for_step); an sbatch
 # script itself only sees the allocation's SLURM_NTASKS / SLURM_PROCID=0.
 _SRUN_MARKERS = ("SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS")
+
+
+@dataclass
+class DistConfig:
+    """How the ranks of a job wait for each other (``dist.*``)."""
+
+    # How long a rank waits in one collective (all-reduce, barrier, the rendezvous) before it raises
+    # instead of waiting forever for a peer that died, hangs or cannot be reached; srun
+    # --kill-on-bad-exit then ends the whole job (slurm/train.sbatch). It must exceed the longest
+    # legitimate wait: the other ranks wait while rank 0 writes a checkpoint or converts one to the
+    # universal format, and while a slow node catches up.
+    timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if not is_float(self.timeout_s) or self.timeout_s <= 0:
+            raise invalid("dist.timeout_s", self.timeout_s, "a number of seconds > 0")
 
 
 @dataclass(frozen=True)
@@ -360,6 +379,42 @@ def expand_nodelist(nodelist: str) -> list[str]:
             raise ValueError(f"nodelist {nodelist!r}: host {token!r} has no name before '['")
         hosts.extend(_expand_token(token, nodelist))
     return hosts
+
+
+def node_name(environ: Mapping[str, str] = os.environ) -> str:
+    """The node this process runs on: SLURM's name for it (``SLURMD_NODENAME``), else the hostname."""
+    return environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def rank_layout(env: DistEnv, node: str) -> list[tuple[int, int, str]]:
+    """``(rank, local_rank, node)`` of every rank, in rank order (one all-gather at start-up), checked:
+    on each node the local ranks must be 0..n-1 once each, else two ranks would share a GPU or a
+    node-local file (the classic wrong-``LOCAL_RANK`` launch)."""
+    layout = [tuple(item) for item in all_gather_object((env.rank, env.local_rank, node))]
+    check_layout(layout)
+    return layout  # type: ignore[return-value]
+
+
+def check_layout(layout: Sequence[tuple[int, int, str]]) -> None:
+    """Raise ValueError naming the node and ranks when local ranks on a node are not 0..n-1 once each."""
+    by_node: dict[str, list[tuple[int, int]]] = {}
+    for rank, local_rank, node in layout:
+        by_node.setdefault(node, []).append((local_rank, rank))
+    for node, pairs in by_node.items():
+        local_ranks = sorted(local for local, _ in pairs)
+        if local_ranks != list(range(len(pairs))):
+            ranks = ", ".join(f"rank {r} local_rank {lr}" for lr, r in sorted(pairs, key=lambda p: p[1]))
+            raise ValueError(f"node {node} runs {len(pairs)} ranks whose local ranks are not 0..{len(pairs) - 1} "
+                             f"once each ({ranks}); check the launcher's LOCAL_RANK / SLURM_LOCALID")
+
+
+def format_layout(layout: Sequence[tuple[int, int, str]]) -> str:
+    """``node1: ranks 0,1 (local 0,1); node2: ranks 2,3 (local 0,1)`` (nodes in order of their first rank)."""
+    by_node: dict[str, list[tuple[int, int]]] = {}
+    for rank, local_rank, node in layout:
+        by_node.setdefault(node, []).append((rank, local_rank))
+    return "; ".join(f"{node}: ranks {','.join(str(r) for r, _ in pairs)} (local {','.join(str(lr) for _, lr in pairs)})"
+                     for node, pairs in by_node.items())
 
 
 def init_process_group(env: DistEnv, backend: str | None = None, timeout_s: float = 1800.0,

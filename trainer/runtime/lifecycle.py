@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -52,6 +53,11 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, venv, ...)
     extra_directives: list[str] = field(default_factory=list)  # e.g. ["--exclusive", "--constraint=h100"]
     python: Optional[str] = None  # interpreter on the nodes; default: the one running trainer.submit
+    # The network interface(s) the ranks talk over across nodes, e.g. ib0, eth0, hsn0 ('ib0,ib1'): exported as
+    # GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME. Unset, gloo binds to what the hostname resolves to
+    # and NCCL picks an interface itself; on nodes with several networks either may pick one the
+    # other nodes cannot reach, and the job hangs at the rendezvous until dist.timeout_s.
+    socket_ifname: Optional[str] = None
     dry_run: bool = False  # print the sbatch script instead of submitting it
 
     def __post_init__(self) -> None:
@@ -67,6 +73,9 @@ class SlurmConfig:
             raise invalid("slurm.signal", self.signal, f"one of {SIGNALS}")
         check_int("slurm.signal_seconds", self.signal_seconds, 1)
         check_int("slurm.max_requeues", self.max_requeues, 0)
+        if self.socket_ifname is not None and not re.fullmatch(r"[\w.:-]+(,[\w.:-]+)*", self.socket_ifname):
+            raise invalid("slurm.socket_ifname", self.socket_ifname,
+                          "an interface name such as ib0, or a comma-separated list of them (quoted: 'ib0,ib1')")
         for d in self.extra_directives:
             if not d.startswith("--"):
                 raise invalid("slurm.extra_directives", d, "sbatch options written as --name[=value]")
