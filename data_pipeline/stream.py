@@ -27,7 +27,7 @@ import torch
 from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
 from data_pipeline.latents import cache_shard_urls, decode_sample_parts
 from data_pipeline.position import Progress, SourceInfo, SKIP_REASONS
-from data_pipeline.shards import ShardEnd, ShardTask, read_shard
+from data_pipeline.shards import MemberLimits, ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
 from trainer.runtime import distributed
 
@@ -62,6 +62,8 @@ class StreamSpec:
     storage_options: tuple[tuple[str, Any], ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     latents: bool = False  # the shards are a latent cache (data_pipeline.latents), not images
+    limits: MemberLimits = field(default_factory=MemberLimits)
+    max_caption_chars: int = 0  # 0 = captions kept whole
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -91,6 +93,7 @@ class _Ref:
     key: str
     parts: dict[str, bytes]
     url: str
+    skip: str = ""  # set by read_shard: oversized_* / duplicate_key
 
 
 class _Events:
@@ -124,7 +127,7 @@ class _Slot:
 
     def _read(self, source: int, epoch: int, task: ShardTask, draw: int) -> Iterator[_Ref]:
         spec = self.spec
-        for item in read_shard(task, spec.options_for(task.url), spec.retry):
+        for item in read_shard(task, spec.options_for(task.url), spec.retry, limits=spec.limits):
             if isinstance(item, ShardEnd):
                 self.events.items.append(("end", source, epoch, task.shard, item.count, item.status))
                 if item.status != "ok":
@@ -135,7 +138,7 @@ class _Slot:
                 pos = sample_position(source, epoch, task.shard, item.index)
             else:
                 pos = sample_position(source, self.progress.generation, self.slot, self.num_slots, draw, item.index)
-            yield _Ref(source, epoch, task.shard, item.index, pos, item.key, item.parts, task.url)
+            yield _Ref(source, epoch, task.shard, item.index, pos, item.key, item.parts, task.url, item.skip)
 
     def _source(self, source: int) -> Iterator[_Ref]:
         spec, info, stats = self.spec, self.spec.sources[source], self.stats[source]
@@ -191,6 +194,8 @@ class _Slot:
         stats = self.stats[ref.source]
         stats.decoded += 1
         try:
+            if ref.skip:
+                raise BadSample(ref.skip)
             example = self._cached_example(ref) if spec.latents else self._image_example(ref)
         except BadSample as bad:
             log.debug("sample %s of %s skipped: %s", ref.key, ref.url, bad)
@@ -206,7 +211,7 @@ class _Slot:
         rng = np.random.default_rng([spec.seed, ref.position & 0xFFFFFFFF, ref.position >> 32])
         out = decode_sample(ref.parts, image_keys=spec.image_keys, caption_key=spec.caption_key,
                             image_size=spec.image_size, transform=spec.transform, rng=rng,
-                            filters=spec.filters, buckets=spec.buckets)
+                            filters=spec.filters, buckets=spec.buckets, max_caption_chars=spec.max_caption_chars)
         ex = out.example
         return {"bucket": out.bucket, "image": ex.image, "caption": out.caption,
                 "original_size": ex.original_size, "crop_top_left": ex.crop_top_left}
@@ -214,7 +219,7 @@ class _Slot:
     def _cached_example(self, ref: _Ref) -> dict[str, Any]:
         """A latent-cache sample (``data_pipeline.latents``): the posterior instead of pixels."""
         meta = metadata_of(ref.parts) or {}
-        caption = caption_of(ref.parts, self.spec.caption_key, meta)
+        caption = caption_of(ref.parts, self.spec.caption_key, meta, self.spec.max_caption_chars)
         mean, logvar = decode_sample_parts(ref.parts)
         return {"bucket": tuple(mean.shape), "latent_mean": mean, "latent_logvar": logvar, "caption": caption,
                 "original_size": tuple(meta.get("original_size", (0, 0))),
@@ -296,6 +301,14 @@ def options_of(data: Any, url: str) -> dict[str, Any]:
     return storage_options_for(url, data.s3, dict(data.storage_options or {}))
 
 
+def member_limits(data: Any) -> MemberLimits:
+    """``MemberLimits`` from ``data.*``: the caption part is ``data.caption_key`` unless it is a JSON field."""
+    caption_ext = "json" if data.caption_key.startswith("json:") else data.caption_key
+    return MemberLimits(image_exts=tuple(data.image_keys), caption_ext=caption_ext,
+                        max_image_bytes=data.max_image_bytes, max_caption_bytes=data.max_caption_bytes,
+                        max_member_bytes=data.max_member_bytes)
+
+
 def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
     """``StreamSpec`` from the trainer's ``DataConfig`` (``data.*``): URL patterns are expanded here."""
     s3 = data.s3
@@ -329,7 +342,8 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
         shuffle_shards=data.shuffle_shards, shuffle_buffer=data.shuffle_buffer,
         transform=Transform(crop=data.crop, flip_prob=data.flip_prob, max_pixels=data.max_pixels, draft=data.draft),
         filters=filters, buckets=buckets_of(data), s3=s3, storage_options=tuple(sorted(extra.items())),
-        retry=data.retry, latents=bool(data.latent_cache))
+        retry=data.retry, latents=bool(data.latent_cache), limits=member_limits(data),
+        max_caption_chars=data.max_caption_chars)
 
 
 class StreamingBatches:
