@@ -86,6 +86,15 @@ class DataConfig:
     flip_prob: float = 0.0
     max_pixels: int = 8192 * 8192  # larger images are skipped before decoding (decompression bombs)
     draft: bool = True  # JPEG reduced-scale decoding
+    # Members larger than these are skipped unread (checked from the tar header, also in .tar.gz),
+    # counted as oversized_image_file / oversized_caption / oversized_member; far above any real
+    # LAION sample, they bound what one sample can cost.
+    max_image_bytes: int = 64 << 20
+    max_caption_bytes: int = 64 << 10
+    max_member_bytes: int = 16 << 20  # any other member (json, cached latents, ...)
+    # Captions are cut to this many characters before any cleaning or tokenizing; 77 CLIP tokens
+    # never span more than a few hundred characters of real text. 0 = whole captions.
+    max_caption_chars: int = 4096
     buckets: BucketConfig = field(default_factory=BucketConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -128,6 +137,9 @@ class DataConfig:
         if not 0.0 <= self.flip_prob <= 1.0:
             raise invalid("data.flip_prob", self.flip_prob, "a float in [0, 1]")
         check_int("data.max_pixels", self.max_pixels, 1)
+        for key in ("max_image_bytes", "max_caption_bytes", "max_member_bytes"):
+            check_int(f"data.{key}", getattr(self, key), 1)
+        check_int("data.max_caption_chars", self.max_caption_chars, 0)
         if self.buckets.enabled and self.image_size % self.buckets.step:
             raise invalid("data.image_size", self.image_size, f"a multiple of data.buckets.step={self.buckets.step} "
                        "when bucketing")

@@ -25,7 +25,7 @@ import numpy as np
 
 from data_pipeline.decode import BadSample, Transform, caption_of, decode_sample, metadata_of, open_image
 from data_pipeline.position import SKIP_REASONS
-from data_pipeline.shards import RawSample, ShardTask, read_shard
+from data_pipeline.shards import MemberLimits, RawSample, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_unique, expand_urls, filesystem, storage_options_for
 from trainer.images import atomic_write_bytes
 
@@ -96,10 +96,11 @@ def _check(parts: dict[str, bytes], *, image_keys: Sequence[str], caption_key: s
 
 
 def _inspect_shard(shard: int, url: str, *, storage_options: dict[str, Any], retry: RetryPolicy,
-                   image_keys: Sequence[str], caption_key: str, max_pixels: int, decode: bool) -> _Tally:
+                   image_keys: Sequence[str], caption_key: str, max_pixels: int, decode: bool,
+                   limits: MemberLimits) -> _Tally:
     t = _Tally()
     rng = np.random.default_rng(0)
-    for item in read_shard(ShardTask(shard, url), storage_options, retry):
+    for item in read_shard(ShardTask(shard, url), storage_options, retry, limits=limits):
         if not isinstance(item, RawSample):
             if item.status == "ok":
                 t.ok_shards += 1
@@ -109,6 +110,9 @@ def _inspect_shard(shard: int, url: str, *, storage_options: dict[str, Any], ret
                                    "error": redact(item.error)})
             continue
         t.samples += 1
+        if item.skip:  # an oversized member (never read) or a repeated key
+            t.skipped[item.skip] += 1
+            continue
         t.parts.update(item.parts.keys())
         ext = next((k for k in image_keys if k in item.parts), None)
         if ext is not None:
@@ -152,7 +156,8 @@ def inspect_shards(urls: Sequence[str], *, image_keys: Sequence[str] = ("jpg", "
                    caption_key: str = "txt", max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = False,
                    workers: int = 4, s3: S3Options | None = None, storage_options: dict[str, Any] | None = None,
                    retry: RetryPolicy = RetryPolicy(max_retries=3),
-                   on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+                   on_shard: Callable[[int], None] | None = None,
+                   limits: MemberLimits | None = None) -> dict[str, Any]:
     """Read every shard of ``urls`` (``workers`` threads) and return the report (JSON-ready; URLs and
     errors redacted). ``on_shard(num_done)`` is called as shards finish."""
     if not urls:
@@ -162,11 +167,18 @@ def inspect_shards(urls: Sequence[str], *, image_keys: Sequence[str] = ("jpg", "
     if workers < 1 or max_pixels < 1:
         raise ValueError(f"workers={workers} and max_pixels={max_pixels} must be >= 1")
 
+    defaults = MemberLimits()
+    limits = MemberLimits(image_exts=tuple(image_keys),
+                          caption_ext="json" if caption_key.startswith("json:") else caption_key,
+                          max_image_bytes=(limits or defaults).max_image_bytes,
+                          max_caption_bytes=(limits or defaults).max_caption_bytes,
+                          max_member_bytes=(limits or defaults).max_member_bytes)
+
     def one(args: tuple[int, str]) -> _Tally:
         shard, url = args
         return _inspect_shard(shard, url, storage_options=storage_options_for(url, s3, storage_options), retry=retry,
                               image_keys=tuple(image_keys), caption_key=caption_key, max_pixels=max_pixels,
-                              decode=decode)
+                              decode=decode, limits=limits)
 
     total = _Tally()
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -194,7 +206,8 @@ def inspect_shards(urls: Sequence[str], *, image_keys: Sequence[str] = ("jpg", "
                      "numeric": {k: _stats(v, THREE_POINTS) for k, v in sorted(total.numeric.items())}},
         "parts": dict(sorted(total.parts.items())),
         "settings": {"image_keys": list(image_keys), "caption_key": caption_key, "max_pixels": max_pixels,
-                     "decode": decode},
+                     "decode": decode, "max_image_bytes": limits.max_image_bytes,
+                     "max_caption_bytes": limits.max_caption_bytes, "max_member_bytes": limits.max_member_bytes},
     }
 
 
@@ -333,6 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--caption-key", default="txt", help="caption part (txt) or json:<field>")
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are skipped")
     ap.add_argument("--decode", action="store_true", help="fully decode every image too (slower)")
+    defaults = MemberLimits()
+    ap.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
+                    help="larger image members are skipped unread (as data.max_image_bytes)")
+    ap.add_argument("--max-caption-bytes", type=int, default=defaults.max_caption_bytes,
+                    help="larger caption members are skipped unread (as data.max_caption_bytes)")
+    ap.add_argument("--max-member-bytes", type=int, default=defaults.max_member_bytes,
+                    help="larger other members are skipped unread (as data.max_member_bytes)")
     ap.add_argument("--workers", type=int, default=4, help="threads reading shards (default 4)")
     ap.add_argument("--s3-endpoint-url", help="endpoint of an S3-compatible store")
     ap.add_argument("--s3-profile", help="AWS profile (~/.aws) for s3:// URLs")
@@ -349,13 +369,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\r{done}/{len(urls)} shards", end="" if done < len(urls) else "\n", file=sys.stderr)
         report = inspect_shards(urls, image_keys=[k.strip() for k in args.image_keys.split(",") if k.strip()],
                                 caption_key=args.caption_key, max_pixels=args.max_pixels, decode=args.decode,
-                                workers=args.workers, s3=s3, on_shard=progress)
+                                workers=args.workers, s3=s3, on_shard=progress,
+                                limits=MemberLimits(max_image_bytes=args.max_image_bytes,
+                                                    max_caption_bytes=args.max_caption_bytes,
+                                                    max_member_bytes=args.max_member_bytes))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     sys.stdout.write(format_report(report))
     if args.json:
         write_json_atomic(args.json, report)
+    shards = report["shards"]
+    if shards["ok"] + shards["truncated"] == 0:
+        print(f"error: none of the {shards['count']} shards could be read (see the problems above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -59,6 +59,7 @@ SKIP_REASONS = (
     "empty_image", "undecodable_image", "oversized_image", "bad_metadata",
     "filtered_min_size", "filtered_aspect_ratio", "filtered_caption_length", "filtered_score",
     "missing_latent", "undecodable_latent",
+    "oversized_image_file", "oversized_caption", "oversized_member", "duplicate_key",  # data_pipeline.shards
 )
 
 

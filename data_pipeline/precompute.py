@@ -37,7 +37,7 @@ from data_pipeline.decode import BadSample, Transform, decode_sample, metadata_o
 from data_pipeline.latents import FORMAT_VERSION, MANIFEST, cache_spec, encode_sample_parts, read_json
 from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import expand_urls
-from data_pipeline.stream import buckets_of, options_of, spec_from_config
+from data_pipeline.stream import buckets_of, member_limits, options_of, spec_from_config
 from data_pipeline.writer import ShardWriter
 from trainer.cli import run_cli
 from trainer.config import TrainConfig  # registers the train_schema of conf/train.yaml
@@ -84,11 +84,12 @@ def encode_shard(index: int, url: str, out_url: str, data: DataConfig, pre: Prec
     buckets = buckets_of(data)
     skipped: Counter = Counter()
     samples: list[tuple[str, dict[str, Any], np.ndarray, dict[str, bytes]]] = []
-    for _, item in read_samples([ShardTask(index, url)], storage_options, data.retry, skipped):
+    for _, item in read_samples([ShardTask(index, url)], storage_options, data.retry, skipped, member_limits(data)):
         rng = np.random.default_rng([data.seed, index, item.index])
         try:
             out = decode_sample(item.parts, image_keys=data.image_keys, caption_key=data.caption_key,
-                                image_size=data.image_size, transform=transform, rng=rng, buckets=buckets)
+                                image_size=data.image_size, transform=transform, rng=rng, buckets=buckets,
+                                max_caption_chars=data.max_caption_chars)
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue

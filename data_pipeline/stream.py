@@ -27,7 +27,7 @@ from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, 
 from data_pipeline.latents import cache_shard_urls, decode_sample_parts
 from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, Position, SourceInfo, StreamCursor, SubCursor,
                                     default_streams, layouts_for, window_for, source_choices, stream_shards, window_order)
-from data_pipeline.shards import RawSample, ShardEnd, ShardTask, read_shard
+from data_pipeline.shards import MemberLimits, RawSample, ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
 from trainer.runtime import distributed
 from trainer.runtime.lifecycle import StopWaiting
@@ -64,6 +64,8 @@ class StreamSpec:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     latents: bool = False  # the shards are a latent cache (data_pipeline.latents), not images
     num_streams: int = 0  # canonical streams at the first start; 0 = that start's ranks x workers
+    limits: MemberLimits = field(default_factory=MemberLimits)
+    max_caption_chars: int = 0  # 0 = captions kept whole
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -95,6 +97,7 @@ class _Ref:
     key: str
     parts: dict[str, bytes]
     url: str
+    skip: str = ""  # set by read_shard: oversized_* / duplicate_key
 
 
 class _SubStream:
@@ -133,7 +136,7 @@ class _SubStream:
         for pos in range(shard_pos, len(shards)):
             url = self.info.urls[shards[pos]]
             task = ShardTask(shards[pos], url, hi=index if pos == shard_pos else 0)
-            for item in read_shard(task, self.spec.options_for(url), self.spec.retry):
+            for item in read_shard(task, self.spec.options_for(url), self.spec.retry, limits=self.spec.limits):
                 if isinstance(item, ShardEnd):
                     self.statuses.append(item.status)
                     if item.status != "ok" and not self._quiet:
@@ -199,7 +202,7 @@ class _SubStream:
             position = sample_position(self.source, epoch, shard, raw.index)
         else:  # a shard may be drawn twice: the draw names the sample
             position = sample_position(self.source, -1 - self.stream, epoch, pos, raw.index)
-        return _Ref(self.source, epoch, shard, raw.index, position, raw.key, raw.parts, self.info.urls[shard])
+        return _Ref(self.source, epoch, shard, raw.index, position, raw.key, raw.parts, self.info.urls[shard], raw.skip)
 
 
 class _Stream:
@@ -256,7 +259,7 @@ class _Stream:
         for (source, shard), indices in wanted.items():
             url = self.spec.sources[source].urls[shard]
             task = ShardTask(shard, url, hi=max(indices) + 1, holes=frozenset(indices))
-            for item in read_shard(task, self.spec.options_for(url), self.spec.retry):
+            for item in read_shard(task, self.spec.options_for(url), self.spec.retry, limits=self.spec.limits):
                 if isinstance(item, RawSample) and item.index in indices:
                     found[(source, shard, item.index)] = item
         out = []
@@ -265,7 +268,8 @@ class _Stream:
             example = None
             if raw is not None:
                 url = self.spec.sources[source].urls[shard]
-                example = self._decode(_Ref(source, epoch, shard, index, position, raw.key, raw.parts, url), quiet=True)
+                ref = _Ref(source, epoch, shard, index, position, raw.key, raw.parts, url, raw.skip)
+                example = self._decode(ref, quiet=True)
             if example is None:
                 log.warning("sample %d of shard %s waited in a bucket group at the checkpoint and could not be read "
                             "again; skipped (this run's data now differs from an uninterrupted run's)", index,
@@ -280,6 +284,8 @@ class _Stream:
         spec = self.spec
         sub = self.subs[ref.source]
         try:
+            if ref.skip:
+                raise BadSample(ref.skip)
             example = self._cached_example(ref) if spec.latents else self._image_example(ref)
         except BadSample as bad:
             if not quiet:
@@ -306,7 +312,7 @@ class _Stream:
         rng = np.random.default_rng([spec.seed, ref.position & 0xFFFFFFFF, ref.position >> 32])
         out = decode_sample(ref.parts, image_keys=spec.image_keys, caption_key=spec.caption_key,
                             image_size=spec.image_size, transform=spec.transform, rng=rng,
-                            filters=spec.filters, buckets=spec.buckets)
+                            filters=spec.filters, buckets=spec.buckets, max_caption_chars=spec.max_caption_chars)
         ex = out.example
         return {"bucket": (out.bucket,), "image": ex.image, "caption": out.caption,
                 "original_size": ex.original_size, "crop_top_left": ex.crop_top_left}
@@ -314,7 +320,7 @@ class _Stream:
     def _cached_example(self, ref: _Ref) -> dict[str, Any]:
         """A latent-cache sample (``data_pipeline.latents``): the posterior instead of pixels."""
         meta = metadata_of(ref.parts) or {}
-        caption = caption_of(ref.parts, self.spec.caption_key, meta)
+        caption = caption_of(ref.parts, self.spec.caption_key, meta, self.spec.max_caption_chars)
         mean, logvar = decode_sample_parts(ref.parts)
         return {"bucket": tuple(mean.shape), "latent_mean": mean, "latent_logvar": logvar, "caption": caption,
                 "original_size": tuple(meta.get("original_size", (0, 0))),
@@ -401,6 +407,22 @@ def options_of(data: Any, url: str) -> dict[str, Any]:
     return storage_options_for(url, data.s3, dict(data.storage_options or {}))
 
 
+def member_limits(data: Any) -> MemberLimits:
+    """``MemberLimits`` from ``data.*``: the caption part is ``data.caption_key`` unless it is a JSON field."""
+    caption_ext = "json" if data.caption_key.startswith("json:") else data.caption_key
+    return MemberLimits(image_exts=tuple(data.image_keys), caption_ext=caption_ext,
+                        max_image_bytes=data.max_image_bytes, max_caption_bytes=data.max_caption_bytes,
+                        max_member_bytes=data.max_member_bytes)
+
+
+def member_limits(data: Any) -> MemberLimits:
+    """``MemberLimits`` from ``data.*``: the caption part is ``data.caption_key`` unless it is a JSON field."""
+    caption_ext = "json" if data.caption_key.startswith("json:") else data.caption_key
+    return MemberLimits(image_exts=tuple(data.image_keys), caption_ext=caption_ext,
+                        max_image_bytes=data.max_image_bytes, max_caption_bytes=data.max_caption_bytes,
+                        max_member_bytes=data.max_member_bytes)
+
+
 def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
     """``StreamSpec`` from the trainer's ``DataConfig`` (``data.*``): URL patterns are expanded here."""
     s3 = data.s3
@@ -434,7 +456,8 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
         shuffle_shards=data.shuffle_shards, shuffle_buffer=data.shuffle_buffer,
         transform=Transform(crop=data.crop, flip_prob=data.flip_prob, max_pixels=data.max_pixels, draft=data.draft),
         filters=filters, buckets=buckets_of(data), s3=s3, storage_options=tuple(sorted(extra.items())),
-        retry=data.retry, latents=bool(data.latent_cache), num_streams=data.num_streams)
+        retry=data.retry, latents=bool(data.latent_cache), num_streams=data.num_streams,
+        limits=member_limits(data), max_caption_chars=data.max_caption_chars)
 
 
 

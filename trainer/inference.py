@@ -25,6 +25,7 @@ from trainer.config import TrainConfig
 from trainer.diffusion import build_diffusion
 from trainer.interchange import build_networks
 from trainer.runtime.checkpoint import EMA_FILE, POINTER, STATE_FILE, CheckpointStore, ResumePoint, load_ema
+from trainer.runtime.pickles import check_pickles, weights_only_loads
 from trainer.tasks.diffusion import load_trained_weights
 
 log = logging.getLogger(__name__)
@@ -98,14 +99,17 @@ def trained_weights(point: ResumePoint, use_ema: bool) -> dict[str, torch.Tensor
                              f"use use_ema=false for the trained weights")
         return {k: v.float() for k, v in ema.items()}
     stage = int(point.state["zero_stage"])
+    check_pickles(tag_dir)  # DeepSpeed's files, refused before anything is unpickled if not weights only
     if stage == 0:
-        # DeepSpeed's own model file: tensors and plain containers (no unpickling of objects).
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        with weights_only_loads():
+            states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
     # Imported here: deepspeed takes seconds to import and only this path (live ZeRO weights) needs it.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(point.local_dir), tag=point.tag).items()}
+    with weights_only_loads():  # zero_to_fp32 asks torch.load for weights_only=False
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(point.local_dir), tag=point.tag)
+    return {k: v.float() for k, v in weights.items()}
 
 
 def load_for_inference(checkpoint: str, *, use_ema: bool = True, device: torch.device | str = "cpu",

@@ -21,6 +21,7 @@ from trainer.runtime.checkpoint import (CheckpointStore, ResumePoint, convert_to
 from trainer.runtime.device import DEVICES, peak_memory_gb
 from trainer.runtime.ema import EMA
 from trainer.runtime.lifecycle import StopRequest, StopWaiting, requeue_slurm_job
+from trainer.runtime.pickles import check_pickles, weights_only_loads
 from trainer.runtime.tracking import RunTracker
 from trainer.tasks.base import Task
 
@@ -322,13 +323,16 @@ class TrainLoop:
     def restore(self, point: ResumePoint, *, load_universal: bool, reset_data: bool = False) -> None:
         """Continue from ``point``: engines, step, data position, RNG states, EMA, the task's extras."""
         load_dir, tag = point.local_dir, point.tag
+        check_pickles(point.local_dir / point.tag)  # before DeepSpeed (or its conversion) unpickles any of it
         if load_universal:
             load_dir, tag = convert_to_universal(point, self.paths.work_dir, rank=self.rank,
                                                  world_size=self.run.world_size)
             log.info("resuming %s saved on %s ranks on %d ranks through its universal conversion",
                      point.tag, point.state["world_size"], self.run.world_size)
-        path, _ = self.task.main_engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
-                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+        with weights_only_loads():  # DeepSpeed asks torch.load for weights_only=False
+            path, _ = self.task.main_engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
+                                                            load_optimizer_states=True, load_lr_scheduler_states=True)
+            self.task.load_extras(point)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {load_dir}")
         state = point.state
@@ -343,7 +347,6 @@ class TrainLoop:
                 log.warning("checkpoint %s has no EMA weights; EMA restarts from the current weights", point.tag)
             else:
                 self.ema.load_state_dict(ema_state, int(state.get("ema_updates", 0)))
-        self.task.load_extras(point)
         log.info("resumed from checkpoint %s: step %d, %d samples seen, W&B run %s",
                  point.tag, self.step, self.samples_seen, self.run_id)
 

@@ -14,8 +14,9 @@ stores), after every rank has finished writing, so a job killed while saving lea
 checkpoint as the one to resume from. Remote roots are written through a local staging directory
 and uploaded before the pointer moves.
 
-DeepSpeed's own files are pickles written by this job for this job; everything this module writes
-itself is JSON or safetensors, and nothing from outside is unpickled.
+DeepSpeed's own files are pickles; they are read only through torch's weights-only unpickler
+(``trainer.runtime.pickles``: checked before loading, the load itself forced weights-only).
+Everything this module writes itself is JSON or safetensors.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer.checks import check_int, invalid
 from trainer.runtime import distributed
+from trainer.runtime.pickles import guarded_env
 from trainer.images import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -291,13 +293,14 @@ def convert_to_universal(point: ResumePoint, work_dir: Path, *, rank: int, world
     if rank == 0 and not (out / ".complete").exists():
         shutil.rmtree(out, ignore_errors=True)
         work_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        # trainer.runtime.pickles runs ds_to_universal with every torch.load weights-only.
+        cmd = [sys.executable, "-m", "trainer.runtime.pickles",
                "--input_folder", str(point.local_dir / point.tag), "--output_folder", str(out),
                "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
         log.info("checkpoint %s was written by %s ranks, this job has %s: converting it to DeepSpeed's "
                  "universal format in %s", point.tag, point.state["world_size"],
                  world_size, out)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=guarded_env())
         if proc.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed on {point.local_dir / point.tag} "
                                f"(exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
