@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.models.config import ModelConfig, build_components, count_parameters
 from trainer.zero_memory import PRECISIONS, STAGES, bytes_per_parameter, zero_model_state_bytes
+from trainer.cli import CONF_DIR, hydra_command
 
 
 @dataclass
@@ -73,11 +74,11 @@ def render_plan(cfg: PlanConfig) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="plan")
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="plan")
 def main(cfg: DictConfig) -> None:
     plan = OmegaConf.to_object(cfg)  # runs every config's validation before anything is built
     print(render_plan(plan))
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)
