@@ -62,7 +62,10 @@ class DataConfig:
 
     kind: str = "digits"
     root: str = ".cache/data/digits"
-    urls: list[str] = field(default_factory=list)
+    # One pattern (a string) or a list of them; a string becomes a one-element list. Hydra's override
+    # grammar reads { } [ ] , itself, so a brace pattern is quoted inside the shell's quotes:
+    # 'data.urls="s3://bucket/laion/{00000..12345}.tar"' or 'data.urls=["s3://a/{0..9}.tar",b.txt]'.
+    urls: Any = field(default_factory=list)
     sources: list[dict[str, Any]] = field(default_factory=list)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for non-local URLs
     s3: S3Options = field(default_factory=S3Options)
@@ -110,12 +113,15 @@ class DataConfig:
         if self.kind not in DATA_KINDS:
             raise invalid("data.kind", self.kind, f"one of {DATA_KINDS}")
         check_int("data.image_size", self.image_size, 8)
+        self.urls = _url_list("data.urls", self.urls)
         if self.kind == "webdataset" and not (self.urls or self.sources or self.latent_cache):
             raise invalid("data.urls", self.urls, "one or more shard URLs (brace patterns, globs, list files) "
                        "or data.sources when data.kind='webdataset'")
         if self.urls and self.sources:
             raise invalid("data.sources", "...", "either data.urls or data.sources, not both")
         for i, src in enumerate(self.sources):
+            if isinstance(src, dict) and src.get("urls"):
+                _url_list(f"data.sources[{i}].urls", src["urls"])
             unknown = set(src) - {"name", "urls", "weight"}
             if unknown or not src.get("urls"):
                 raise invalid(f"data.sources[{i}]", dict(src), "a mapping with urls (and optional name, weight)")
@@ -145,6 +151,15 @@ class DataConfig:
                        "when bucketing")
 
 
+
+
+def _url_list(key: str, value: Any) -> list[str]:
+    """``value`` (one pattern or a list of patterns) as a list of non-empty strings."""
+    urls = [value] if isinstance(value, str) else value
+    if not isinstance(urls, (list, tuple)) or not all(isinstance(u, str) and u.strip() for u in urls):
+        raise invalid(key, value, "a shard URL pattern (brace pattern, glob, list file) or a list of them, "
+                      "e.g. 'data.urls=\"s3://bucket/laion/{00000..12345}.tar\"'")
+    return list(urls)
 
 
 @dataclass

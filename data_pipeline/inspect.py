@@ -334,7 +334,8 @@ def write_json_atomic(path: str, report: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m data_pipeline.inspect``."""
     ap = argparse.ArgumentParser(prog="python -m data_pipeline.inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("patterns", nargs="+", metavar="url-pattern",
                     help="shard URLs: brace patterns, globs, list files (.txt/.list/.lst), any fsspec URL")
@@ -358,7 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--s3-profile", help="AWS profile (~/.aws) for s3:// URLs")
     ap.add_argument("--s3-anon", action="store_true", help="unsigned S3 requests (public buckets)")
     ap.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     s3 = S3Options(endpoint_url=args.s3_endpoint_url, profile=args.s3_profile, anon=args.s3_anon)
     try:
         urls = select_shards(expand_patterns(args.patterns, s3=s3), limit=args.limit_shards,

@@ -39,7 +39,7 @@ from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import expand_urls
 from data_pipeline.stream import buckets_of, member_limits, options_of, spec_from_config
 from data_pipeline.writer import ShardWriter
-from trainer.cli import run_cli
+from trainer.cli import hydra_command, run_cli
 from trainer.config import TrainConfig  # registers the train_schema of conf/train.yaml
 from trainer.interchange import build_networks
 from trainer.runtime.device import select_device
@@ -199,4 +199,4 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)

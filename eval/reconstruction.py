@@ -48,7 +48,7 @@ from eval.metrics import frechet_distance
 from eval.reference import RunningStats, decoded_images, shard_images
 from trainer.autoencoder_loss import build_lpips
 from trainer.checks import invalid
-from trainer.cli import run_cli
+from trainer.cli import CLI_CONF_DIR, hydra_command, run_cli
 from trainer.convert.first_stage import load_first_stage_state
 from trainer.images import put_bytes, to_uint8
 from trainer.models.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -401,10 +401,10 @@ def summary(record: dict[str, Any]) -> str:
             f"lpips {_fmt(record['lpips'], '.4f')}, rfid {_fmt(record['rfid'], '.4f')}\nwrote {record['out']}")
 
 
-@hydra.main(version_base=None, config_path="../conf/cli", config_name="reconstruction")
+@hydra.main(version_base=None, config_path=CLI_CONF_DIR, config_name="reconstruction")
 def main(dict_cfg: DictConfig) -> None:
     print(summary(run_cli(evaluate, dict_cfg)))
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)

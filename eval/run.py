@@ -29,12 +29,14 @@ from typing import Any, Optional
 import fsspec
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.demo_digits import read_digits_manifest
 from eval.config import EvalConfig
 from eval.protocol import (build_scorers, format_table, load_reference, protocol_prompts, results_record,
                            run_protocol, sampler_fn, write_record)
-from trainer.inference import load_for_inference, resolve_checkpoint, train_config_of
+from trainer.cli import unknown_key_message
+from trainer.inference import check_text_to_image, load_for_inference, resolve_checkpoint, train_config_of
 from trainer.runtime import distributed
 from trainer.runtime.checkpoint import POINTER, CheckpointStore
 from trainer.runtime.device import check_device, select_device
@@ -76,9 +78,9 @@ def parse_args(argv: list[str]) -> EvalRunConfig:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalRunConfig), top))
     except Exception as e:  # noqa: BLE001 - OmegaConf's own errors name the key
-        if isinstance(e, ValueError):
+        if isinstance(e, ValueError) and not isinstance(e, OmegaConfBaseException):
             raise
-        raise ValueError(f"invalid argument: {e}") from None
+        raise ValueError(unknown_key_message(e) or f"invalid argument: {e}") from None
 
 
 def protocol_config(run_eval: dict[str, Any], args: EvalRunConfig) -> EvalConfig:
@@ -96,9 +98,9 @@ def protocol_config(run_eval: dict[str, Any], args: EvalRunConfig) -> EvalConfig
         merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), base, args.eval)
         return OmegaConf.to_object(merged)
     except Exception as e:  # noqa: BLE001
-        if isinstance(e, ValueError):
+        if isinstance(e, ValueError) and not isinstance(e, OmegaConfBaseException):
             raise
-        raise ValueError(f"eval config: {e}") from None
+        raise ValueError(unknown_key_message(e, prefix="eval.") or f"eval config: {e}") from None
 
 
 def _load_preset(path: Path):
@@ -171,6 +173,7 @@ def run(args: EvalRunConfig) -> list[dict[str, Any]]:
 
 def _run(args: EvalRunConfig, env, device: torch.device, work: Path) -> list[dict[str, Any]]:
     point = resolve_checkpoint(args.checkpoint, work, files=())  # the state only: config and step
+    check_text_to_image(point, args.checkpoint)
     root_url = args.checkpoint.rstrip("/")
     if root_url.endswith(point.tag):
         root_url = root_url[: -len(point.tag)].rstrip("/")

@@ -228,3 +228,80 @@ def test_clip_conditioned_model_exports_to_stable_diffusion(tmp_path: Path) -> N
     theirs = pipe(PROMPT, height=16, width=16, num_inference_steps=4, guidance_scale=3.0, eta=0.0,
                   generator=torch.Generator().manual_seed(3), output_type="np").images[0]
     assert np.abs(_png(samples / "00000.png") - (theirs * 255).round().astype(np.int16)).max() <= 1
+
+
+def _sd_v1_like(tmp_path: Path, overrides: list[str]):
+    """The tiny latent model with a frozen OpenAI-CLIP-style tower (ViT-S-16-alt) and no text weights
+    file of its own, as model=sd_v1 is configured when the SD checkpoint holds the tower."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import trainer.config  # noqa: F401 - registers the train_schema
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        c = compose(config_name="train", overrides=["experiment=tiny", "model=tiny_kl",
+                                                    "model/text_encoder=clip_vit_l14", "model.text_encoder.arch=ViT-S-16-alt",
+                                                    "model.unet.context_dim=256", *overrides])
+    return OmegaConf.to_object(c)
+
+
+def _sd_v1_checkpoint(tmp_path: Path, *, with_ema: bool, with_text: bool = True) -> tuple[Path, dict]:
+    """A CompVis SD v1 checkpoint of the tiny model: UNet, first stage, the CLIP tower in transformers'
+    names with the stale ``position_ids`` buffer real SD v1 files carry, and (full-EMA) ``model_ema.*``."""
+    from trainer.convert.clip_text import clip_text_to_transformers
+    from trainer.models.config import build_components
+
+    cfg = _sd_v1_like(tmp_path, [])
+    torch.manual_seed(5)
+    src = build_components(cfg.model, allow_random_init=True, build_tokenizer=False)
+    for p in list(src.unet.parameters()) + list(src.text_encoder.parameters()):
+        p.data.normal_()
+    text, report = clip_text_to_transformers(src.text_encoder.state_dict(), cfg.model.text_encoder)
+    length = cfg.model.text_encoder.max_length
+    sd = {**{f"model.diffusion_model.{k}": v for k, v in src.unet.state_dict().items()},
+          **{f"first_stage_model.{k}": v for k, v in src.first_stage.state_dict().items()}}
+    if with_text:
+        sd.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(length)[None]
+    ema_unet = {k: v + 1.0 for k, v in src.unet.state_dict().items()}
+    if with_ema:  # CompVis LitEma: the parameter's name without dots, under model_ema.
+        sd.update({"model_ema.diffusion_model" + k.replace(".", ""): v for k, v in ema_unet.items()})
+        sd["model_ema.num_updates"] = torch.tensor(100)
+    path = tmp_path / "sd_v1.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    # What CLIPTextModel cannot hold (the unused text_projection) is not in the file.
+    kept_text = {k: v for k, v in src.text_encoder.state_dict().items() if k not in report.dropped}
+    return path, {"unet": src.unet.state_dict(), "ema_unet": ema_unet, "text": kept_text}
+
+
+def test_a_full_sd_checkpoint_needs_no_other_weight_file(tmp_path: Path, caplog) -> None:
+    """model=sd_v1 + model.init_from=<SD checkpoint>: the CLIP tower comes from the checkpoint (no
+    OpenCLIP file asked for), its stale position_ids buffer is ignored; the UNet is model.diffusion_model.*
+    unless model.init_from_ema=true, which takes model_ema.* (and the log says which)."""
+    from trainer.interchange import build_networks
+
+    path, want = _sd_v1_checkpoint(tmp_path, with_ema=True)
+    with caplog.at_level("INFO", logger="trainer.interchange"):
+        parts = build_networks(_sd_v1_like(tmp_path, [f"model.init_from={path}"]).model, seed=0)
+    assert all(torch.equal(v, want["unet"][k]) for k, v in parts.unet.state_dict().items())
+    text = parts.text_encoder.state_dict()
+    assert want["text"] and all(torch.equal(text[k], v) for k, v in want["text"].items())
+    assert "UNet weights from model.diffusion_model (the checkpoint also holds model_ema.*" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer.interchange"):
+        ema = build_networks(_sd_v1_like(tmp_path, [f"model.init_from={path}", "model.init_from_ema=true"]).model, seed=0)
+    assert all(torch.equal(v, want["ema_unet"][k]) for k, v in ema.unet.state_dict().items())
+    assert "UNet weights from model_ema" in caplog.text
+
+
+def test_init_from_ema_and_a_missing_text_tower_are_refused_naming_the_fix(tmp_path: Path) -> None:
+    from trainer.interchange import build_networks
+
+    path, _ = _sd_v1_checkpoint(tmp_path, with_ema=False)
+    with pytest.raises(ValueError, match="holds no model_ema.* weights .* set model.init_from_ema=false"):
+        build_networks(_sd_v1_like(tmp_path, [f"model.init_from={path}", "model.init_from_ema=true"]).model, seed=0)
+    (tmp_path / "no_text").mkdir()
+    path, _ = _sd_v1_checkpoint(tmp_path / "no_text", with_ema=False, with_text=False)
+    with pytest.raises(FileNotFoundError, match="model.text_encoder.checkpoint_path is not set and model.init_from=.* "
+                                                "holds no text encoder weights"):
+        build_networks(_sd_v1_like(tmp_path, [f"model.init_from={path}"]).model, seed=0)

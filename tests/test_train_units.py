@@ -19,7 +19,7 @@ from data_pipeline.indexed import GlobalOrder, InMemoryBatches, Samples, load_sh
 from trainer.runtime.checkpoint import CheckpointStore, needs_universal
 from trainer.config import TrainConfig, config_differences
 from trainer.runtime.ema import EMA
-from trainer.runtime.engine import WarmupDecay, deepspeed_config, parameter_groups
+from trainer.runtime.engine import DeepSpeedConfig, WarmupDecay, deepspeed_config, parameter_groups
 
 
 def _train_config(compose, overrides: list[str]) -> TrainConfig:
@@ -68,6 +68,33 @@ def test_cross_group_checks(compose) -> None:
         _train_config(compose, ["experiment=demo", "data=webdataset", "data.urls=[a.tar]"])
     with pytest.raises(ValueError, match="precision='fp16' with deepspeed.zero_stage=0"):
         _train_config(compose, ["experiment=tiny", "deepspeed=zero0", "deepspeed.precision=fp16"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # The paper's KL-f8 + 4-level UNet: latent 264/8 = 33 px cannot be halved 3 times.
+    (["experiment=ldm_1p45b_256", "data.urls=[a.tar]", "data.image_size=264"],
+     r"data.image_size=264 is invalid; allowed: a multiple of 64 \(e.g. 256 or 320\): the first stage "
+     r"\(model.autoencoder, factor 8\) makes a 33 px latent, which the UNet's 4 levels"),
+    (["experiment=ldm_1p45b_256", "data.urls=[a.tar]", "eval.resolution=200"], r"eval.resolution=200 is invalid; allowed: a multiple of 64"),
+    (["experiment=ldm_1p45b_256", "data.urls=[a.tar]", "data.buckets.enabled=true", "data.buckets.step=32"],
+     r"data.buckets.step=32 is invalid; allowed: a multiple of 64"),
+    # Pixel space (identity first stage) with the tiny 2-level UNet: the side must be even.
+    (["experiment=tiny", "data.image_size=17"], r"data.image_size=17 is invalid; allowed: a multiple of 2"),
+    (["experiment=demo_autoencoder", "data.image_size=17"], r"data.image_size=17 is invalid; allowed: a multiple of "
+                                                             r"the autoencoder's downsampling factor 2"),
+])
+def test_image_sizes_the_networks_cannot_divide_fail_naming_the_key(compose, overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _train_config(compose, overrides)
+
+
+def test_precision_the_device_cannot_train_fails_before_the_engine() -> None:
+    cfg = DeepSpeedConfig(zero_stage=2, precision="fp16")
+    with pytest.raises(ValueError, match=r"deepspeed.precision='fp16' is invalid; allowed: fp32 or bf16 on the CPU"):
+        cfg.check_device(torch.device("cpu"))
+    for precision in ("fp32", "bf16"):
+        cfg.precision = precision
+        cfg.check_device(torch.device("cpu"))
 
 
 def test_config_differences_name_the_keys() -> None:

@@ -56,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"task={self.task!r} is invalid; allowed: one of {tuple(TASKS)}")
         if self.task == "autoencoder":
             self._check_autoencoder_task()
+        else:
+            self._check_image_sizes()
         if not self.run_dir:
             raise invalid("run_dir", self.run_dir, "a directory path")
         if self.train.global_batch_size % self.train.micro_batch_size:
@@ -71,10 +73,27 @@ class TrainConfig:
                              "allowed: precision bf16/fp32, or zero_stage >= 1")
 
 
+    def _check_image_sizes(self) -> None:
+        """Every image side the job draws or trains on must survive the first stage and the UNet's
+        downsampling exactly (else the UNet's skip connections fail tens of seconds into the job)."""
+        self.model.check_image_size("data.image_size", self.data.image_size)
+        if self.eval.resolution:  # the sample grids of eval.kind=none too
+            self.model.check_image_size("eval.resolution", self.eval.resolution)
+        multiple = self.model.image_size_multiple()
+        if self.data.buckets.enabled and self.data.buckets.step % multiple:
+            raise invalid("data.buckets.step", self.data.buckets.step,
+                          f"a multiple of {multiple} (every bucket side must be a multiple of the first stage's "
+                          f"factor times the UNet's downsampling, see data.image_size)")
+
     def _check_autoencoder_task(self) -> None:
         if self.model.autoencoder.kind != "kl":
             raise ValueError(f"task=autoencoder trains a KL autoencoder; model.autoencoder.kind="
                              f"{self.model.autoencoder.kind!r} (allowed: 'kl', e.g. model=tiny_kl or an autoencoder preset)")
+        factor = self.model.autoencoder.downsample_factor
+        if self.data.image_size % factor:
+            raise invalid("data.image_size", self.data.image_size,
+                          f"a multiple of the autoencoder's downsampling factor {factor} (model.autoencoder.ch_mult="
+                          f"{self.model.autoencoder.ch_mult})")
         self.loss.check_lpips_source()
         if self.data.latent_cache:
             raise ValueError("task=autoencoder trains on images; data.latent_cache must be unset")

@@ -15,7 +15,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from trainer.cli import run_cli
+from trainer.cli import CLI_CONF_DIR, hydra_command, run_cli
 from trainer.inference import load_for_inference
 from trainer.interchange import export_diffusers, export_safetensors
 
@@ -44,10 +44,10 @@ def export(cfg: ExportConfig):
     return write(model, cfg.out, overwrite=cfg.overwrite)
 
 
-@hydra.main(version_base=None, config_path="../conf/cli", config_name="export")
+@hydra.main(version_base=None, config_path=CLI_CONF_DIR, config_name="export")
 def main(dict_cfg: DictConfig) -> None:
     print(f"wrote {run_cli(export, dict_cfg)}")
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)

@@ -80,6 +80,18 @@ def resolve_checkpoint(checkpoint: str, work_dir: str | Path | None = None,
     return ResumePoint(tag=tag, local_dir=local.parent, state=store.read_state(tag))
 
 
+def check_text_to_image(point: ResumePoint, checkpoint: str) -> None:
+    """Refuse a checkpoint of another kind of job (``task=autoencoder``) before any weight is read:
+    sampling, export and evaluation need the text-to-image model."""
+    task = (point.state.get("config") or {}).get("task", "diffusion")
+    if task != "diffusion":
+        raise ValueError(
+            f"checkpoint={checkpoint!r} ({point.tag}) is a task={task} run, not a text-to-image checkpoint: "
+            f"sample, export and eval.run take a task=diffusion run. An autoencoder run is evaluated with "
+            f"python -m eval.reconstruction checkpoint=... and used by a diffusion job through "
+            f"$(python -m trainer.autoencoder_overrides {checkpoint})")
+
+
 def train_config_of(state: dict[str, Any]):
     """The run's ``TrainConfig`` from a checkpoint's saved (redacted) config."""
     try:
@@ -116,6 +128,7 @@ def load_for_inference(checkpoint: str, *, use_ema: bool = True, device: torch.d
                        work_dir: str | Path | None = None) -> LoadedModel:
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         point = resolve_checkpoint(checkpoint, work_dir or tmp, files=(EMA_FILE,) if use_ema else None)
+        check_text_to_image(point, checkpoint)
         weights = trained_weights(point, use_ema)
     cfg = train_config_of(point.state)
     parts = build_networks(cfg.model, cfg.train.seed)

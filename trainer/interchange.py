@@ -126,8 +126,13 @@ def _load_compvis(parts, path: Path, cfg) -> dict[str, Any]:
     if not unet:
         raise ValueError(f"model.init_from={str(path)!r} has no model.diffusion_model.* tensors: not a CompVis "
                          f"latent-diffusion checkpoint")
-    load_strict(parts.unet, unet, f"model.init_from={str(path)!r} (UNet)")
+    used = ["model.diffusion_model.", "first_stage_model."]
+    if cfg.init_from_ema:
+        unet = _compvis_ema_unet(sd, unet, path)
+        used.append("model_ema.")
+    load_strict(parts.unet, unet, f"model.init_from={str(path)!r} (UNet{', EMA' if cfg.init_from_ema else ''})")
     summary["unet"] = len(unet)
+    summary["unet_weights"] = "model_ema" if cfg.init_from_ema else "model.diffusion_model"
     first = take("first_stage_model.")
     if first and hasattr(parts.first_stage, "encoder"):
         first = {k: v for k, v in first.items() if not k.startswith("loss.")}
@@ -149,12 +154,31 @@ def _load_compvis(parts, path: Path, cfg) -> dict[str, Any]:
         load_strict(parts.text_encoder, ours, f"model.init_from={str(path)!r} (text encoder)")
         summary["text_encoder"] = len(ours)
         summary["dropped"] = report.dropped
-    used = ("model.diffusion_model.", "first_stage_model.", text_prefix or "model.diffusion_model.")
-    ignored = sorted(k for k in sd if not k.startswith(used))
+    if text_prefix is not None:
+        used.append(text_prefix)
+    ignored = sorted(k for k in sd if not k.startswith(tuple(used)))
     if ignored:  # e.g. model_ema.*, the schedule buffers, a visual tower: reported, not loaded
         summary["ignored"] = len(ignored)
         log.info("model.init_from=%s: %d tensors not used (%s ...)", path, len(ignored), ", ".join(ignored[:5]))
+    has_ema = any(k.startswith("model_ema.") for k in sd)
+    log.info("model.init_from=%s: UNet weights from %s%s", path, summary["unet_weights"],
+             " (the checkpoint also holds model_ema.*: model.init_from_ema=true takes them)"
+             if has_ema and not cfg.init_from_ema else "")
     return summary
+
+
+def _compvis_ema_unet(sd: dict[str, torch.Tensor], unet: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The UNet from a CompVis checkpoint's EMA copy: LitEma keeps ``model.diffusion_model.<name>`` as
+    the buffer ``model_ema.diffusion_model<name without dots>`` (``ldm/modules/ema.py``)."""
+    ema = {k: sd.get("model_ema.diffusion_model" + k.replace(".", "")) for k in unet}
+    missing = sorted(k for k, v in ema.items() if v is None)
+    if len(missing) == len(ema):
+        raise ValueError(f"model.init_from={str(path)!r} holds no model_ema.* weights of the UNet (not a "
+                         f"full-EMA checkpoint); set model.init_from_ema=false to load model.diffusion_model.*")
+    if missing:
+        raise ValueError(f"model.init_from={str(path)!r}: model_ema.* lacks {len(missing)} of the UNet's "
+                         f"{len(ema)} tensors (e.g. {', '.join(missing[:3])}); set model.init_from_ema=false")
+    return ema
 
 
 # ----------------------------------------------------------------------------- diffusers layout
@@ -180,6 +204,9 @@ def _text_arch(cfg, text_config: dict[str, Any]) -> dict[str, Any]:
 
 def _load_diffusers(parts, root: Path, cfg) -> dict[str, Any]:
     where = f"model.init_from={str(root)!r}"
+    if cfg.init_from_ema:
+        raise ValueError(f"model.init_from_ema=true takes the model_ema.* weights of a CompVis checkpoint; {where} is "
+                         f"a diffusers folder, which holds one UNet: set model.init_from_ema=false")
     summary: dict[str, Any] = {}
     _check_config(root / "unet" / "config.json", diffusers_unet_config(cfg.unet), f"{where} (unet/config.json)")
     sd = _read_safetensors(root / "unet" / "diffusion_pytorch_model.safetensors", f"{where} (unet)")
@@ -226,12 +253,26 @@ def build_networks(cfg: ModelConfig, seed: int) -> ModelComponents:
     every rank and on every reload), the first stage's pretrained file (``model.autoencoder.
     checkpoint_path``), then ``model.init_from`` (published weights, through the converters)."""
     torch.manual_seed(seed)
-    parts = build_components(cfg, device="cpu")
+    # A frozen OpenCLIP tower without its own file (model.text_encoder.checkpoint_path) may take its
+    # weights from model.init_from (a full SD checkpoint holds them): built at random, then required
+    # to be loaded from there.
+    text_from_init = (cfg.init_from is not None and cfg.text_encoder.kind == "open_clip"
+                      and cfg.text_encoder.checkpoint_path is None)
+    if text_from_init:
+        if not Path(cfg.init_from).exists():
+            raise FileNotFoundError(f"model.init_from={cfg.init_from!r} does not exist (a diffusers folder, or a "
+                                    f"CompVis .ckpt / .safetensors file)")
+    parts = build_components(cfg, device="cpu", allow_random_init=text_from_init)
     if cfg.autoencoder.kind == "kl" and cfg.autoencoder.checkpoint_path is not None:
         load_first_stage_weights(parts.first_stage, cfg.autoencoder.checkpoint_path, cfg.autoencoder)
     if cfg.init_from:
         report = load_pretrained(parts, cfg.init_from, cfg)
         log.info("model.init_from=%s: %s", cfg.init_from, report)
+        if text_from_init and "text_encoder" not in report:
+            raise FileNotFoundError(
+                f"model.text_encoder.checkpoint_path is not set and model.init_from={cfg.init_from!r} holds no "
+                f"text encoder weights: give the OpenCLIP {cfg.text_encoder.arch} weights file in "
+                f"model.text_encoder.checkpoint_path")
     return parts
 
 

@@ -18,6 +18,7 @@ from trainer.flops import PEAK_TFLOPS, PLAN_DEVICES, diffusion_training_flops, i
 from trainer.models.config import ModelConfig, build_components, count_parameters
 from trainer.runtime.engine import ACTIVATION_CHECKPOINTING
 from trainer.zero_memory import PRECISIONS, STAGES, bytes_per_parameter, zero_model_state_bytes
+from trainer.cli import CONF_DIR, hydra_command
 
 
 @dataclass
@@ -114,11 +115,11 @@ def render_flops(cfg: PlanConfig) -> list[str]:
     return lines
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="plan")
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="plan")
 def main(cfg: DictConfig) -> None:
     plan = OmegaConf.to_object(cfg)  # runs every config's validation before anything is built
     print(render_plan(plan))
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)

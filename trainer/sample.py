@@ -2,8 +2,9 @@
 
 Text -> images from any checkpoint of a run, on one machine (CPU or one GPU): EMA weights by
 default, sharded DeepSpeed checkpoints of any ZeRO stage consolidated on the CPU. Writes one PNG per
-image, ``grid.png`` and ``samples.json`` (the settings and seed of every image); image ``i`` of
-prompt ``p`` uses seed ``seed + p * n + i``, so it does not depend on the batch it was drawn in.
+image, ``grid.png`` and ``samples.json`` (the settings and seed of every image); image ``i`` (the
+file ``{i:05d}.png``; image ``j`` of prompt ``p`` is ``i = p * n + j``) uses seed ``seed + i``, so it
+does not depend on the batch it was drawn in.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from trainer.cli import run_cli
+from trainer.cli import CLI_CONF_DIR, hydra_command, run_cli
 from trainer.images import atomic_write_bytes, make_grid, save_png, to_uint8
 from trainer.inference import load_for_inference
 from trainer.runtime.device import check_device, select_device
@@ -113,10 +114,10 @@ def sample(cfg: SampleConfig) -> Path:
     return out
 
 
-@hydra.main(version_base=None, config_path="../conf/cli", config_name="sample")
+@hydra.main(version_base=None, config_path=CLI_CONF_DIR, config_name="sample")
 def main(dict_cfg: DictConfig) -> None:
     print(f"wrote {run_cli(sample, dict_cfg)}/ (images, grid.png, samples.json)")
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)

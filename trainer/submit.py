@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.config import TrainConfig
 from trainer.images import atomic_write_bytes
 from trainer.runtime.lifecycle import SlurmConfig
+from trainer.cli import hydra_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = {"train": ROOT / "slurm" / "train.sbatch", "precompute": ROOT / "slurm" / "precompute.sbatch",
@@ -154,4 +155,4 @@ def _argv_with_dry_run(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = _argv_with_dry_run(sys.argv)
-    main()
+    hydra_command(main)

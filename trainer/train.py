@@ -39,6 +39,7 @@ from trainer.runtime.ema import EMA
 from trainer.runtime.engine import initialize
 from trainer.runtime.tracking import RunTracker, new_run_id, redact
 from trainer.tasks import AutoencoderTask, DiffusionTask, Task, TaskContext
+from trainer.cli import hydra_command
 
 log = logging.getLogger("trainer")
 
@@ -154,6 +155,7 @@ def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
             env = dataclasses.replace(env, master_port=sock.getsockname()[1])
     _setup_logging(Path(cfg.run_dir), env.rank)
     device = select_device(cfg.train.device, "train.device", env.local_rank)
+    cfg.deepspeed.check_device(device)
     prepare_process(device, cfg.train.num_threads)
     # Imported here: deepspeed reads DS_ACCELERATOR (set just above) when it is imported.
     import deepspeed
@@ -194,4 +196,4 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_command(main)

@@ -48,6 +48,7 @@ from trainer.models.text_encoders import (CLIP_BPE_VOCAB_SIZE, TextEncoderConfig
                                           _check_open_clip_text_cfg, open_clip_model_config)
 
 THEIRS = "text_model."
+STALE_POSITION_IDS = f"{THEIRS}embeddings.position_ids"
 OURS = "model."
 # Token ids of our CLIPBPETokenizer (open_clip SimpleTokenizer): <start_of_text>, <end_of_text>, and the
 # 0 it pads with. With eos_token_id 49407 (not the legacy 2) CLIPTextModel pools the first
@@ -297,6 +298,9 @@ def clip_text_from_transformers(sd: dict[str, torch.Tensor], cfg: TextEncoderCon
     and listed in ``report.filled``, so the result loads strictly into ``FrozenOpenCLIPTextEncoder``."""
     tower = _tower(cfg, model_cfg)
     km = clip_text_keymap(cfg, model_cfg, with_projection=with_projection)
+    # transformers < 4.31 saved the position ids (arange, not a weight) as a persistent buffer; real
+    # SD v1 checkpoints carry it. transformers itself ignores it on load; so do we.
+    sd = {k: v for k, v in sd.items() if k != STALE_POSITION_IDS}
     rows, base = km.to_ours(sd)
     ours = _join(rows)
     report = CLIPTextConversionReport(missing=base.missing, unexpected=base.unexpected,

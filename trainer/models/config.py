@@ -28,12 +28,32 @@ class ModelConfig:
     # Start from published weights: a diffusers pipeline folder or a CompVis .ckpt / .safetensors
     # (trainer.interchange.load_pretrained); every tensor must fit this architecture.
     init_from: Optional[str] = None
+    # A CompVis checkpoint's UNet from its EMA copy (``model_ema.*``, CompVis LitEma) instead of
+    # ``model.diffusion_model.*``. Off by default, as CompVis' SD v1 inference config (use_ema: False)
+    # samples with model.diffusion_model; a checkpoint without model_ema.* is refused when on.
+    init_from_ema: bool = False
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """(C, h, w) of the diffusion latent of an ``image_size`` image: the first stage's latent
         channels and its downsampling."""
         f = self.autoencoder.downsample_factor
         return self.autoencoder.latent_channels, image_size // f, image_size // f
+
+    def image_size_multiple(self) -> int:
+        """What every image side must be a multiple of: the first stage's downsampling factor times
+        the UNet's total downsampling (2^(levels-1)), so each UNet level halves the latent exactly."""
+        return self.autoencoder.downsample_factor * self.unet.downsample_factors[-1]
+
+    def check_image_size(self, key: str, size: int) -> None:
+        """Refuse an image side (``key=size``) the first stage or the UNet cannot divide."""
+        f, unet = self.autoencoder.downsample_factor, self.unet.downsample_factors[-1]
+        if size % (f * unet):
+            lower, upper = size // (f * unet) * f * unet, (size // (f * unet) + 1) * f * unet
+            raise ValueError(
+                f"{key}={size} is invalid; allowed: a multiple of {f * unet} (e.g. {lower or upper} or {upper}): "
+                f"the first stage (model.autoencoder, factor {f}) makes a {size / f:g} px latent, which the UNet's "
+                f"{len(self.unet.channel_mult)} levels (model.unet.channel_mult={self.unet.channel_mult}) "
+                f"halve {len(self.unet.channel_mult) - 1} times")
 
     def __post_init__(self) -> None:
         width = self.text_encoder.output_width

@@ -91,6 +91,17 @@ class DeepSpeedConfig:
         check_int("deepspeed.allgather_bucket_size", self.allgather_bucket_size, 1)
         check_int("deepspeed.initial_scale_power", self.initial_scale_power, 0)
 
+    def check_device(self, device: torch.device) -> None:
+        """``precision`` on ``device``, before the engine (and the data, the models) are built."""
+        if self.precision == "fp16" and device.type == "cpu":
+            # DeepSpeed's fp16 training (loss scaler, FP16 optimizer wrappers) needs CUDA; on its CPU
+            # accelerator it fails at the first step.
+            raise invalid("deepspeed.precision", self.precision,
+                          "fp32 or bf16 on the CPU (DeepSpeed trains fp16 on GPUs only; train.device chose cpu)")
+        if self.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise invalid("deepspeed.precision", self.precision,
+                          f"fp16 or fp32 on {torch.cuda.get_device_name(device)}, which has no bf16 (Ampere or newer has)")
+
 
 
 
