@@ -46,6 +46,9 @@ class TrainLoopConfig:
     # The device's dense bf16 peak in TFLOP/s for MFU; 0 takes it from trainer.flops.PEAK_TFLOPS by the
     # GPU's name (no MFU on the CPU unless set).
     peak_tflops: float = 0.0
+    # NHWC convolutions for the UNet and the first stage (trainer.runtime.engine.apply_channels_last):
+    # what cuDNN's tensor cores want on a GPU; on the CPU it is allowed (tests) but rarely faster.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         check_int("train.max_steps", self.max_steps, 1)

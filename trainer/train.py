@@ -92,7 +92,8 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
 
     ctx = TaskContext(device=device, dtype=DTYPES[cfg.deepspeed.precision], rank=env.rank, world_size=env.world_size,
                       seed=cfg.train.seed, zero_stage=cfg.deepspeed.zero_stage, make_engine=make_engine,
-                      load_universal=load_universal, saved_world_size=point.state["world_size"] if point else None)
+                      load_universal=load_universal, saved_world_size=point.state["world_size"] if point else None,
+                      channels_last=cfg.train.channels_last)
     task = build_task(cfg, ctx, batches, digits)
     ema_module = task.ema_module() if cfg.ema.enabled else None
     ema = (EMA(ema_module, cfg.ema.decay, warmup=cfg.ema.warmup, optimizer=task.main_engine.optimizer)

@@ -147,6 +147,18 @@ def apply_activation_checkpointing(model: nn.Module, enabled: Union[bool, Sequen
     return count
 
 
+def apply_channels_last(module: nn.Module) -> nn.Module:
+    """Convolution weights in NHWC (``torch.channels_last``), in place; returns ``module``. For networks
+    outside DeepSpeed (the frozen first stage).
+
+    cuDNN's tensor-core convolutions run natively in NHWC; an NCHW network pays a transpose around each
+    (NeMo's SD recipe gains from it). A convolution runs NHWC when its input or its weight is
+    (``cudnn_conv_suggest_memory_format``) and its output keeps the format, so for the engine's network
+    NHWC inputs are enough: DeepSpeed needs contiguous parameters (it broadcasts and flattens them).
+    """
+    return module.to(memory_format=torch.channels_last)
+
+
 def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int, gradient_accumulation: int,
                      world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """The ``ds_config`` dict for ``deepspeed.initialize``."""

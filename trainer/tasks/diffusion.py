@@ -30,7 +30,7 @@ from trainer.models.unet import UNetModel
 from trainer.runtime import distributed
 from trainer.runtime.checkpoint import tag_for
 from trainer.runtime.ema import EMA, copy_into
-from trainer.runtime.engine import trainable_parameters
+from trainer.runtime.engine import apply_channels_last, trainable_parameters
 from trainer.runtime.tracking import RunTracker
 from trainer.tasks.base import MicroBatch, Task, TaskContext
 
@@ -83,6 +83,9 @@ class DiffusionTask(Task):
         module = DiffusionTrainModule(parts.unet, parts.text_encoder if self.text_trainable else None)
         self.frozen_text = None if self.text_trainable else parts.text_encoder.to(ctx.device).eval()
         self.first_stage = parts.first_stage.to(ctx.device).eval()
+        if ctx.channels_last:
+            apply_channels_last(self.first_stage)
+        self._memory_format = torch.channels_last if ctx.channels_last else torch.preserve_format
         check_first_stage(self.first_stage)
         self.engine, self.optimizer = ctx.make_engine(module)
         self.engines = {"model": (self.engine, self.optimizer)}
@@ -123,7 +126,8 @@ class DiffusionTask(Task):
         posterior sample (``train.sample_posterior``), then the first stage's scale and shift."""
         device = self.ctx.device
         if "latent_mean" not in batch:
-            posterior = self.first_stage.encode(batch["images"].to(device))  # images (B, 3, H, W) in [-1, 1]
+            images = batch["images"].to(device, memory_format=self._memory_format)  # (B, 3, H, W) in [-1, 1]
+            posterior = self.first_stage.encode(images)
         else:
             mean = batch["latent_mean"].to(device)
             logvar = batch.get("latent_logvar")
@@ -146,7 +150,7 @@ class DiffusionTask(Task):
             return self.frozen_text(tokens).to(self.ctx.dtype)  # (B, L, D)
 
     def _model_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.engine(x_t.to(self.ctx.dtype), t, cond)
+        return self.engine(x_t.to(self.ctx.dtype, memory_format=self._memory_format), t, cond)
 
     # ------------------------------------------------------------------ evaluation
 
