@@ -88,7 +88,7 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
         return initialize(module, {"model": module}, ds=cfg.deepspeed, optim=cfg.optim,
                           micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation=accum,
                           world_size=env.world_size, max_steps=cfg.train.max_steps, device=device,
-                          load_universal=load_universal)
+                          load_universal=load_universal, compile_blocks=cfg.train.compile)
 
     ctx = TaskContext(device=device, dtype=DTYPES[cfg.deepspeed.precision], rank=env.rank, world_size=env.world_size,
                       seed=cfg.train.seed, zero_stage=cfg.deepspeed.zero_stage, make_engine=make_engine,
@@ -105,7 +105,8 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
         max_consecutive_nan_steps=cfg.train.max_consecutive_nan_steps,
         inject_nan_at_steps=frozenset(cfg.train.inject_nan_at_steps), ema_start_step=cfg.ema.start_step,
         ema_update_every=cfg.ema.update_every, requeue_signal="SIG" + cfg.slurm.signal,
-        max_requeues=cfg.slurm.max_requeues, peak_tflops=device_peak_tflops(device, cfg.train.peak_tflops))
+        max_requeues=cfg.slurm.max_requeues, peak_tflops=device_peak_tflops(device, cfg.train.peak_tflops),
+        compiled=cfg.train.compile)
     run = RunInfo(experiment=cfg.experiment, world_size=env.world_size, zero_stage=cfg.deepspeed.zero_stage,
                   precision=cfg.deepspeed.precision, config=redact(config_dict),
                   config_fingerprint=config_fingerprint(config_dict))
