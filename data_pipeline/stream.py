@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
-from data_pipeline.latents import cache_shard_urls, decode_sample_parts
+from data_pipeline.latents import cache_shard_urls, decode_sample_parts, decode_text_part
 from data_pipeline.position import Progress, SourceInfo, SKIP_REASONS
 from data_pipeline.shards import ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
@@ -217,6 +217,7 @@ class _Slot:
         caption = caption_of(ref.parts, self.spec.caption_key, meta)
         mean, logvar = decode_sample_parts(ref.parts)
         return {"bucket": tuple(mean.shape), "latent_mean": mean, "latent_logvar": logvar, "caption": caption,
+                "text_context": decode_text_part(ref.parts),
                 "original_size": tuple(meta.get("original_size", (0, 0))),
                 "crop_top_left": tuple(meta.get("crop_top_left", (0, 0)))}
 
@@ -231,6 +232,8 @@ class _Slot:
             batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
             if all(e["latent_logvar"] is not None for e in examples):
                 batch["latent_logvar"] = torch.stack([e["latent_logvar"] for e in examples])
+            if all(e["text_context"] is not None for e in examples):
+                batch["text_context"] = torch.stack([e["text_context"] for e in examples])
         else:
             batch["images"] = torch.from_numpy(np.stack([e["image"] for e in examples])).permute(0, 3, 1, 2).contiguous()
         return batch

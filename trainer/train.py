@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import hydra
 import torch
@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from data_pipeline.batches import build_batches, latent_cache_manifest
-from data_pipeline.latents import cache_spec, check_manifest
+from data_pipeline.latents import cache_spec, check_manifest, check_text_manifest, read_empty_prompt, text_spec
 from data_pipeline.stream import buckets_of, options_of
 from trainer.config import TrainConfig, check_compatible, config_fingerprint
 from trainer.images import atomic_write_bytes
@@ -52,7 +52,7 @@ def build_task(cfg: TrainConfig, ctx: TaskContext, batches, digits) -> Task:
                          sample_posterior=cfg.train.sample_posterior, image_size=cfg.data.image_size,
                          example_captions=batches.example_captions, digits=digits,
                          reference_storage_options=functools.partial(options_of, cfg.data),
-                         check_first_stage=_latent_cache_check(cfg))
+                         check_first_stage=_latent_cache_check(cfg), cached_text=_cached_text(cfg))
 
 
 def _latent_cache_check(cfg: TrainConfig) -> Callable[[nn.Module], None]:
@@ -67,6 +67,26 @@ def _latent_cache_check(cfg: TrainConfig) -> Callable[[nn.Module], None]:
         log.info("training from the latent cache %s (%d samples; autoencoder %s...)", cfg.data.latent_cache,
                  manifest["samples"], manifest["spec"]["autoencoder_sha256"][:12])
     return check
+
+
+def _cached_text(cfg: TrainConfig) -> Callable[[nn.Module], Optional[torch.Tensor]]:
+    """For a frozen text encoder and a latent cache that holds its outputs (``precompute.text=true``): the
+    cache checked against the encoder (another encoder is refused, naming it) and the empty prompt's
+    cached output returned; None when the encoder is to run at every step."""
+    def load(text_encoder: nn.Module) -> Optional[torch.Tensor]:
+        if not cfg.data.latent_cache:
+            return None
+        manifest = latent_cache_manifest(cfg.data)
+        if not manifest.get("text"):
+            return None
+        where = f"data.latent_cache={cfg.data.latent_cache!r}"
+        if cfg.data.latent_cache_check:
+            check_text_manifest(manifest, text_spec(text_encoder, cfg.model.text_encoder, manifest["text"]["dtype"]),
+                                where)
+        log.info("training from the cached text embeddings of %s (text encoder %s...): the encoder does not run",
+                 where, manifest["text"]["encoder_sha256"][:12])
+        return read_empty_prompt(cfg.data.latent_cache, options_of(cfg.data, cfg.data.latent_cache))
+    return load
 
 
 def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEnv, device: torch.device) -> int:

@@ -152,21 +152,31 @@ def apply_activation_checkpointing(model: nn.Module, enabled: Union[bool, Sequen
 COMPILE_BLOCKS = (*UNET_CHECKPOINT_BLOCKS.values(), *TEXT_CHECKPOINT_BLOCKS.values())
 
 
-def apply_regional_compile(model: nn.Module, blocks: Sequence[type] = COMPILE_BLOCKS) -> int:
+def apply_regional_compile(model: nn.Module, blocks: Sequence[type] = COMPILE_BLOCKS, *,
+                           max_graphs_per_block: int = 64) -> int:
     """Compile each block of ``model`` on its own (torchtitan's regional compilation), in place.
 
     ``nn.Module.compile`` compiles the block's call without wrapping it, so parameter names - checkpoints,
     the EMA, ZeRO's partitions, exports - carry no ``_orig_mod.``. Blocks of one kind and shape share
     their compiled code (a UNet has a handful of distinct block shapes, so compiling it costs a handful
     of graphs, not one per block), and an activation-checkpointed block is compiled with its
-    recomputation. A new input shape (an aspect-ratio bucket) recompiles the blocks it reaches; after
-    the second shape dynamo marks the sizes dynamic, so the graphs stay bounded
-    (``compiled_graph_count`` reports them). Returns the number of blocks compiled.
+    recomputation. Shapes are static (``dynamic=False``: inductor's symbolic-shape path fails on these
+    blocks, and static graphs are the fast ones): each distinct (block shape, input size) is one graph,
+    so the count is bounded by the UNet's distinct block shapes times the aspect-ratio buckets;
+    ``max_graphs_per_block`` lifts dynamo's per-code limit (8) to that bound, past which a block runs
+    eagerly. ``compiled_graph_count`` reports the graphs (recompiles included). Returns the number of
+    blocks compiled.
     """
+    # Imported here: torch._dynamo is imported only by a run that compiles.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, max_graphs_per_block)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
+                                                    4 * max_graphs_per_block)
     count = 0
     for module in model.modules():
         if isinstance(module, tuple(blocks)):
-            module.compile()
+            module.compile(dynamic=False)
             count += 1
     return count
 
