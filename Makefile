@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 PYTEST_ARGS ?=
 
-.PHONY: install run run-pixel plan test test-slow bench clean
+.PHONY: install run run-pixel plan test test-slow bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -65,6 +65,12 @@ bench: install
 	$(PY) bench/unet_step.py
 	$(PY) bench/sampling.py
 	$(PY) bench/zero_memory.py
+
+# One GPU, under 8 minutes: ldm_1p45b at 256 px and the SD v1 UNet at 512 px in bf16 from synthetic
+# cached latents (img/s, MFU, peak memory beside trainer.plan, eager vs compiled, ours vs diffusers);
+# the table also goes to bench/RESULTS_gpu.md. ARGS: e.g. --small (reduced sizes, any device), --no-compile.
+bench-gpu: install
+	$(PY) bench/gpu_suite.py --out bench/RESULTS_gpu.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -5,7 +5,11 @@ Both models get the same config (``diffusers_unet_config``) and the same weights
 reduced width (``--preset sd_small``).
 
     python bench/unet_step.py [--preset tiny|sd_small|sd_small_v2|sd_v1|sd_v2] [--steps 10]
-                              [--warmup 2] [--device cpu|cuda] [--threads 2] [--batch N]
+                              [--warmup 2] [--device cpu|cuda] [--threads 2] [--batch N] [--compile]
+
+``--compile`` adds a row: our UNet with regional compilation (``train.compile``: each ResBlock and
+SpatialTransformer compiled on its own by inductor) against diffusers eager, interleaved with the
+other two; its warm-up steps include the compilation, which is not timed.
 
 Time: both models live in one process and their steps are interleaved (ours, diffusers, ours, ...,
 the order flipping each round) after ``--warmup`` rounds, so drift in machine load hits both alike;
@@ -48,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.convert.diffusers_unet import diffusers_unet_config, unet_to_diffusers  # noqa: E402
 from trainer.models.unet import UNetConfig, UNetModel  # noqa: E402
+from trainer.runtime.engine import apply_regional_compile  # noqa: E402
 
 # name: (UNetConfig kwargs, latent side, context length, default batch)
 PRESETS: dict[str, tuple[dict, int, int, int]] = {
@@ -93,7 +98,7 @@ def build(preset: str, which: str, device: torch.device, batch: int | None, seed
 
 def step(model, which: str, inputs) -> None:
     x, t, context = inputs
-    out = model(x, t, context) if which == "ours" else model(x, t, context).sample
+    out = model(x, t, context).sample if which == "diffusers" else model(x, t, context)
     out.square().mean().backward()
 
 
@@ -109,9 +114,14 @@ def _sync(device: torch.device) -> None:
 
 def time_both(args, device: torch.device) -> dict[str, float]:
     models = {w: build(args.preset, w, device, args.batch) for w in ("ours", "diffusers")}
+    if args.compile:
+        compiled, inputs = build(args.preset, "ours", device, args.batch)
+        apply_regional_compile(compiled)
+        models["ours_compiled"] = (compiled, inputs)
     times: dict[str, list[float]] = {w: [] for w in models}
+    names = list(models)
     for i in range(args.warmup + args.steps):
-        order = ("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")
+        order = names if i % 2 == 0 else names[::-1]
         for which in order:
             model, inputs = models[which]
             drop_grads(model)
@@ -170,6 +180,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="add our regionally compiled UNet")
     parser.add_argument("--_memory-child", dest="memory_child", choices=("ours", "diffusers"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,6 +203,9 @@ def main() -> None:
         print(f"{which:<12}{times[which] * 1e3:>16.1f}{mems[which]:>20.1f}")
     print(f"ratio ours/diffusers: time {times['ours'] / times['diffusers']:.3f}, "
           f"memory {mems['ours'] / mems['diffusers']:.3f}")
+    if "ours_compiled" in times:
+        print(f"{'ours_compiled':<12}{times['ours_compiled'] * 1e3:>16.1f}{'':>20}")
+        print(f"ratio ours compiled/diffusers eager: time {times['ours_compiled'] / times['diffusers']:.3f}")
 
 
 if __name__ == "__main__":

@@ -172,6 +172,9 @@ class PrecomputeConfig:
     format: str = "safetensors"  # or npy
     batch_size: int = 32
     device: str = "auto"  # auto: the GPU of this rank when there is one
+    # Also store the frozen text encoder's per-token outputs (and the empty prompt's once); training
+    # from the cache then never runs the encoder.
+    text: bool = False
 
     def __post_init__(self) -> None:
         for key, allowed in (("store", STORES), ("dtype", DTYPES), ("format", FORMATS), ("device", DEVICES)):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data_pipeline.decode import BadSample, Transform, caption_of, decode_sample, metadata_of
-from data_pipeline.latents import decode_sample_parts
+from data_pipeline.latents import decode_sample_parts, decode_text_part
 from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import RetryPolicy, expand_urls
 
@@ -32,17 +32,19 @@ class Samples:
     keys: list[str]
     skipped: Counter = field(default_factory=Counter)
     latents: torch.Tensor | None = None  # (N, C, h, w) posterior means of a latent cache
+    text_contexts: torch.Tensor | None = None  # (N, L, D) a frozen text encoder's cached outputs
 
 
 def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_options: dict | None = None) -> Samples:
     """Every sample of a latent cache's shards in memory, in shard order (a mean-only or
     deterministic posterior: the mode is what in-memory training uses)."""
-    means, captions, keys = [], [], []
+    means, captions, keys, contexts = [], [], [], []
     skipped: Counter = Counter()
     tasks = [ShardTask(shard, url) for shard, url in enumerate(urls)]
     for task, item in read_samples(tasks, storage_options or {}, RetryPolicy(max_retries=2), skipped):
         try:
             mean, logvar = decode_sample_parts(item.parts)
+            context = decode_text_part(item.parts)
             caption = caption_of(item.parts, caption_key, metadata_of(item.parts))
         except BadSample as bad:
             skipped[bad.reason] += 1
@@ -51,11 +53,14 @@ def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_opti
             raise ValueError(f"{task.url} stores posterior variances: an in-memory run trains on means only; "
                              f"precompute with precompute.store=mean, or stream it with data.kind=webdataset")
         means.append(mean)
+        contexts.append(context)
         captions.append(caption)
         keys.append(item.key)
     if not means:
         raise ValueError(f"no usable samples in the latent cache {urls[:3]} (skipped: {dict(skipped)})")
-    return Samples(images=None, captions=captions, keys=keys, skipped=skipped, latents=torch.stack(means))
+    text = torch.stack(contexts) if all(c is not None for c in contexts) else None
+    return Samples(images=None, captions=captions, keys=keys, skipped=skipped, latents=torch.stack(means),
+                   text_contexts=text)
 
 
 def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str], caption_key: str,
@@ -135,6 +140,8 @@ class InMemoryBatches:
                      "positions": list(range(first, first + self.micro_batch_size))}
             if self.samples.latents is not None:
                 batch["latent_mean"] = self.samples.latents[torch.from_numpy(idx)]
+                if self.samples.text_contexts is not None:
+                    batch["text_context"] = self.samples.text_contexts[torch.from_numpy(idx)]
             else:
                 batch["images"] = self.samples.images[torch.from_numpy(idx)].float() / 127.5 - 1.0
             out.append(batch)

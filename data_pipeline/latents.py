@@ -9,7 +9,10 @@ Layout of a cache at ``<out>`` (any fsspec URL):
 - ``<name>.tar.json`` beside each finished shard: its sample count and skips by reason (written after
   the tar, so a shard without it is redone);
 - ``manifest.json``: what the cache was made from and with (autoencoder checksum and config, scale
-  and shift, resolution, crop policy, source shard list with counts, skips, time, version).
+  and shift, resolution, crop policy, source shard list with counts, skips, time, version);
+- with ``precompute.text=true``, a frozen text encoder's per-token outputs too: ``{key}.text.safetensors``
+  (tensor ``context``, (L, D)) per sample, ``empty_prompt.safetensors`` once (the empty prompt's, for
+  condition dropout) and the manifest's ``text`` entry (the encoder's checksum and config, dtype).
 
 Training from a cache compares the manifest with its own config (``check_manifest``) and refuses a
 mismatch, naming the fields, unless ``data.latent_cache_check=false``.
@@ -32,6 +35,8 @@ from safetensors.torch import save as save_safetensors
 from data_pipeline.decode import BadSample
 
 MANIFEST = "manifest.json"
+EMPTY_PROMPT = "empty_prompt.safetensors"
+TEXT_MEMBER = "text.safetensors"
 FORMAT_VERSION = 1
 STORES = ("mean_logvar", "mean")
 DTYPES = ("fp16", "fp32")
@@ -122,6 +127,47 @@ def decode_sample_parts(parts: dict[str, bytes]) -> tuple[torch.Tensor, Optional
         raise BadSample("missing_latent", "no mean tensor")
     logvar = tensors.get("logvar")
     return tensors["mean"].float(), (logvar.float() if logvar is not None else None)
+
+
+def text_spec(encoder: torch.nn.Module, text_encoder: Any, dtype: str) -> dict[str, Any]:
+    """The manifest's ``text`` entry for a cache of ``encoder``'s outputs (config dataclass
+    ``text_encoder``; local file paths are not part of it, the weights' checksum is)."""
+    config = {k: v for k, v in asdict(text_encoder).items() if k not in ("checkpoint_path", "vocab_file")}
+    return {"encoder_sha256": module_checksum(encoder), "encoder": config, "dtype": dtype}
+
+
+def check_text_manifest(manifest: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """Refuse cached text embeddings made with another text encoder than this job's, naming it."""
+    theirs = manifest.get("text") or {}
+    diffs = [f"{k}: cache {theirs.get(k)!r}, this job {v!r}" for k, v in expected.items()
+             if k != "dtype" and theirs.get(k) != v]
+    if diffs:
+        raise ValueError(f"{where}: its text embeddings were made with another text encoder than this job's "
+                         f"model.text_encoder (kind={expected['encoder'].get('kind')!r}):\n  " + "\n  ".join(diffs)
+                         + "\nre-run the precompute with precompute.text=true for this model, or precompute "
+                           "without it (the encoder then runs at every step)")
+
+
+def encode_text_part(context: torch.Tensor, dtype: str) -> dict[str, bytes]:
+    """The tar member holding one sample's text-encoder output (L, D)."""
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    return {TEXT_MEMBER: save_safetensors({"context": context.to(torch_dtype).contiguous()})}
+
+
+def decode_text_part(parts: dict[str, bytes]) -> Optional[torch.Tensor]:
+    """A cached sample's text-encoder output as float32 (L, D), None when the cache holds none."""
+    if TEXT_MEMBER not in parts:
+        return None
+    try:
+        return load_safetensors(parts[TEXT_MEMBER])["context"].float()
+    except Exception as e:  # noqa: BLE001 - a damaged member raises several types
+        raise BadSample("undecodable_text", f"{type(e).__name__}: {e}") from None
+
+
+def read_empty_prompt(cache: str, storage_options: dict[str, Any]) -> torch.Tensor:
+    """The empty prompt's cached text-encoder output (L, D), float32."""
+    fs, root = fsspec.core.url_to_fs(cache, **storage_options)
+    return load_safetensors(fs.cat_file(f"{root.rstrip('/')}/{EMPTY_PROMPT}"))["context"].float()
 
 
 def cache_shard_urls(cache: str, storage_options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -23,7 +23,7 @@ from collections import Counter
 from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import fsspec
 import hydra
@@ -34,7 +34,8 @@ from omegaconf import DictConfig
 from data_pipeline.batches import digits_dataset
 from data_pipeline.config import DataConfig, PrecomputeConfig
 from data_pipeline.decode import BadSample, Transform, decode_sample, metadata_of
-from data_pipeline.latents import FORMAT_VERSION, MANIFEST, cache_spec, encode_sample_parts, read_json
+from data_pipeline.latents import (EMPTY_PROMPT, FORMAT_VERSION, MANIFEST, cache_spec, encode_sample_parts,
+                                   TEXT_MEMBER, encode_text_part, read_json, text_spec)
 from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import expand_urls
 from data_pipeline.stream import buckets_of, member_limits, options_of, spec_from_config
@@ -77,9 +78,10 @@ def _names(urls: list[str]) -> list[str]:
 
 
 def encode_shard(index: int, url: str, out_url: str, data: DataConfig, pre: PrecomputeConfig,
-                 first_stage: torch.nn.Module, device: torch.device, storage_options: dict[str, Any]) -> dict[str, Any]:
+                 first_stage: torch.nn.Module, device: torch.device, storage_options: dict[str, Any],
+                 encode_text: Optional[Callable[[list[str]], torch.Tensor]] = None) -> dict[str, Any]:
     """Encode one source shard into ``out_url`` with the decoding of ``data`` and the storage of
-    ``pre``; returns its sidecar record."""
+    ``pre`` (and, with ``encode_text``, the captions' text-encoder outputs); returns its sidecar record."""
     transform = Transform(crop=data.crop, flip_prob=0.0, max_pixels=data.max_pixels, draft=data.draft)
     buckets = buckets_of(data)
     skipped: Counter = Counter()
@@ -118,12 +120,19 @@ def encode_shard(index: int, url: str, out_url: str, data: DataConfig, pre: Prec
                     else None
                 for j, i in enumerate(chunk):
                     latents[i] = (mean[j], logvar[j] if logvar is not None else None)
+    texts: list[dict[str, bytes]] = [{} for _ in samples]
+    if encode_text is not None:
+        with torch.no_grad():
+            for start in range(0, len(samples), pre.batch_size):
+                captions = [samples[i][3]["txt"].decode() for i in range(start, min(start + pre.batch_size, len(samples)))]
+                for j, context in enumerate(encode_text(captions)):
+                    texts[start + j] = encode_text_part(context, pre.dtype)
     with ShardWriter(out_url, storage_options) as writer:
         for i, (key, meta, _, parts) in enumerate(samples):
             mean, logvar = latents[i]
             meta["latent_shape"] = list(mean.shape)
             writer.write(key, {**parts, "json": json.dumps(meta, sort_keys=True).encode(),
-                               **encode_sample_parts(mean, logvar, dtype=pre.dtype, fmt=pre.format)})
+                               **encode_sample_parts(mean, logvar, dtype=pre.dtype, fmt=pre.format), **texts[i]})
     return {"source": url, "samples": len(samples), "skipped": dict(sorted(skipped.items()))}
 
 
@@ -150,9 +159,21 @@ def run_precompute(cfg: TrainConfig) -> dict[str, Any] | None:
     fs, root = fsspec.core.url_to_fs(pre.out, **options_of(cfg.data, pre.out))
     fs.makedirs(root, exist_ok=True)
     device = select_device(pre.device, "precompute.device", local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    first_stage = build_networks(cfg.model, cfg.train.seed).first_stage.to(device).eval()
+    parts = build_networks(cfg.model, cfg.train.seed)
+    first_stage = parts.first_stage.to(device).eval()
     spec = cache_spec(first_stage, cfg.model.autoencoder, image_size=cfg.data.image_size, crop=cfg.data.crop,
                       buckets=buckets_of(cfg.data), store=pre.store, dtype=pre.dtype)
+    encode_text, text = None, None
+    if pre.text:
+        if parts.text_encoder_trainable:
+            raise ValueError("precompute.text=true caches a frozen text encoder's outputs, but model.text_encoder is "
+                             "trained with the UNet (trainable=true); allowed: a frozen encoder (e.g. model=sd_v1, or "
+                             "model.text_encoder.trainable=false), or precompute.text=false")
+        encoder, tokenizer = parts.text_encoder.to(device).eval(), parts.tokenizer
+        text = text_spec(encoder, cfg.model.text_encoder, pre.dtype)
+
+        def encode_text(captions: list[str]) -> torch.Tensor:
+            return encoder(tokenizer(captions).to(device)).float().cpu()  # (B, L, D)
     mine = [i for i in range(len(urls)) if i % count == index]
     todo = [i for i in mine if read_json(fs, f"{root}/{names[i]}.json") is None or not fs.exists(f"{root}/{names[i]}")]
     log.info("worker %d/%d: %d of its %d shards to encode (of %d) into %s", index, count, len(todo), len(mine),
@@ -162,7 +183,7 @@ def run_precompute(cfg: TrainConfig) -> dict[str, Any] | None:
         for stale in fs.glob(f"{root}/{names[i]}.tmp-*"):  # a killed run's partial output
             fs.rm_file(stale)
         record = encode_shard(i, urls[i], f"{pre.out.rstrip('/')}/{names[i]}", cfg.data, pre, first_stage, device,
-                              options_of(cfg.data, urls[i]))
+                              options_of(cfg.data, urls[i]), encode_text)
         _write_json(fs, f"{root}/{names[i]}.json", record)  # the shard counts as done from here
         done_samples += record["samples"]
         if index == 0:  # progress: a live line on a terminal, a log line per shard otherwise
@@ -183,7 +204,10 @@ def run_precompute(cfg: TrainConfig) -> dict[str, Any] | None:
     skipped: Counter = Counter()
     for r in records:
         skipped.update(r["skipped"])
-    manifest = {"format_version": FORMAT_VERSION, "spec": spec.as_dict(), "shards": names,
+    if encode_text is not None:  # the empty prompt's, once: what condition dropout feeds the UNet
+        with torch.no_grad():
+            fs.pipe_file(f"{root}/{EMPTY_PROMPT}", encode_text_part(encode_text([""])[0], pre.dtype)[TEXT_MEMBER])
+    manifest = {"format_version": FORMAT_VERSION, "spec": spec.as_dict(), "shards": names, "text": text,
                 "sources": [{"url": r["source"], "samples": r["samples"]} for r in records],
                 "samples": sum(r["samples"] for r in records), "skipped": dict(sorted(skipped.items())),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "software": f"ldm-platform {version('ldm-platform')}"}

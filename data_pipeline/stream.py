@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
-from data_pipeline.latents import cache_shard_urls, decode_sample_parts
+from data_pipeline.latents import cache_shard_urls, decode_sample_parts, decode_text_part
 from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, Position, SourceInfo, StreamCursor, SubCursor,
                                     default_streams, layouts_for, window_for, source_choices, stream_shards, window_order)
 from data_pipeline.shards import MemberLimits, RawSample, ShardEnd, ShardTask, read_shard
@@ -323,6 +323,7 @@ class _Stream:
         caption = caption_of(ref.parts, self.spec.caption_key, meta, self.spec.max_caption_chars)
         mean, logvar = decode_sample_parts(ref.parts)
         return {"bucket": tuple(mean.shape), "latent_mean": mean, "latent_logvar": logvar, "caption": caption,
+                "text_context": decode_text_part(ref.parts),
                 "original_size": tuple(meta.get("original_size", (0, 0))),
                 "crop_top_left": tuple(meta.get("crop_top_left", (0, 0)))}
 
@@ -337,6 +338,8 @@ def collate(spec: StreamSpec, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
         if all(e["latent_logvar"] is not None for e in examples):
             batch["latent_logvar"] = torch.stack([e["latent_logvar"] for e in examples])
+        if all(e["text_context"] is not None for e in examples):
+            batch["text_context"] = torch.stack([e["text_context"] for e in examples])
     else:
         batch["images"] = torch.from_numpy(np.stack([e["image"] for e in examples])).permute(0, 3, 1, 2).contiguous()
     return batch

@@ -114,3 +114,46 @@ def test_a_small_cache_is_held_in_memory_in_the_raw_order(cache: Path, tmp_path:
     # A cache with variances cannot be trained in memory (means only there): said, not ignored.
     proc = run(tmp_path / "variances", [*BASE[1:], "train.max_steps=1", f"data.latent_cache={cache}"], expect=None)
     assert proc.returncode != 0 and "stores posterior variances" in proc.stderr + proc.stdout
+
+
+FROZEN_TEXT = ["model.text_encoder.trainable=false"]
+
+
+@pytest.fixture(scope="module")
+def text_cache(cache: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("text") / "cache"
+    _precompute(out, *FROZEN_TEXT, "precompute.text=true", "precompute.store=mean", "precompute.dtype=fp32")
+    return out
+
+
+@pytest.mark.slow
+def test_cached_text_embeddings_give_the_on_the_fly_losses(text_cache: Path, tmp_path: Path) -> None:
+    """A frozen text encoder's cached outputs (with the empty prompt's for the dropped captions:
+    diffusion.cond_drop_prob=0.5) train to the losses of running the encoder at every step."""
+    manifest = json.loads((text_cache / "manifest.json").read_text())
+    assert len(manifest["text"]["encoder_sha256"]) == 64 and manifest["text"]["encoder"]["depth"] == 2
+    assert (text_cache / "empty_prompt.safetensors").is_file()
+    means = tmp_path / "means"
+    _precompute(means, "precompute.store=mean", "precompute.dtype=fp32")  # the same latents, no text
+    common = [*BASE[1:], *FROZEN_TEXT, "train.max_steps=3", "train.sample_posterior=false",
+              "checkpoint.interval_steps=100", "diffusion.cond_drop_prob=0.5"]
+    run(tmp_path / "live", [*common, f"data.latent_cache={means}"])
+    proc = run(tmp_path / "cached", [*common, f"data.latent_cache={text_cache}"])
+    assert "training from the cached text embeddings" in proc.stderr
+    live, cached = losses(tmp_path / "live"), losses(tmp_path / "cached")
+    assert sorted(live) == sorted(cached) == [1, 2, 3]
+    assert all(abs(live[s] - cached[s]) <= 1e-5 * abs(live[s]) for s in live), (live, cached)
+
+
+@pytest.mark.slow
+def test_cached_text_of_another_encoder_is_refused(text_cache: Path, tmp_path: Path) -> None:
+    proc = run(tmp_path / "other", [*BASE[1:], *FROZEN_TEXT, "model.text_encoder.depth=1", "train.max_steps=1",
+                                    f"data.latent_cache={text_cache}"], expect=None)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "another text encoder" in out and "encoder_sha256: cache" in out
+
+
+def test_precompute_text_needs_a_frozen_encoder(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline.precompute", *BASE, f"precompute.out={tmp_path / 'c'}",
+                           "precompute.text=true"], cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "precompute.text=true caches a frozen text encoder" in proc.stderr

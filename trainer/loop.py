@@ -20,6 +20,7 @@ from trainer.runtime.checkpoint import (CheckpointStore, ResumePoint, convert_to
                                         tag_for)
 from trainer.runtime.device import DEVICES, peak_memory_gb
 from trainer.runtime.ema import EMA
+from trainer.runtime.engine import compiled_graph_count
 from trainer.runtime.lifecycle import StopRequest, StopWaiting, requeue_slurm_job
 from trainer.runtime.pickles import check_pickles, weights_only_loads
 from trainer.runtime.tracking import RunTracker
@@ -47,6 +48,13 @@ class TrainLoopConfig:
     # The device's dense bf16 peak in TFLOP/s for MFU; 0 takes it from trainer.flops.PEAK_TFLOPS by the
     # GPU's name (no MFU on the CPU unless set).
     peak_tflops: float = 0.0
+    # NHWC convolutions for the UNet and the first stage (trainer.runtime.engine.apply_channels_last):
+    # what cuDNN's tensor cores want on a GPU; on the CPU it is allowed (tests) but rarely faster.
+    channels_last: bool = False
+    # Regional compilation (torch.compile of each UNet block and text layer, from outside the model).
+    # Off by default: on the CPU inductor's compile time outweighs its gain at test sizes; on GPUs
+    # measure with bench/gpu_suite.py.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_int("train.max_steps", self.max_steps, 1)
@@ -95,6 +103,7 @@ class Cadence:
     requeue_signal: str = "SIGUSR1"  # the scheduler's time-limit signal: checkpoint, stop, requeue
     max_requeues: int = 100
     peak_tflops: Optional[float] = None  # per device, for MFU (None: MFU not logged)
+    compiled: bool = False  # train.compile: log the number of compiled graphs (recompiles included)
 
     @property
     def stop_signals(self) -> tuple[str, ...]:
@@ -275,6 +284,8 @@ class TrainLoop:
                    **self._throughput(self.cadence.global_batch_size, result.flops, result.seconds)}
         skipped = self.batches.skip_counts(self.device)  # a logging step's collective
         scalars.update({f"data/skipped_{r}": n for r, n in skipped.items() if n})
+        if self.cadence.compiled:
+            scalars["compiled_graphs"] = compiled_graph_count()
         norm = engine.get_global_grad_norm()
         if norm is not None and not result.skipped:
             scalars["grad_norm"] = float(norm)  # a logging step's host read

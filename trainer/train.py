@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import hydra
 import torch
@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from data_pipeline.batches import build_batches, latent_cache_manifest
-from data_pipeline.latents import cache_spec, check_manifest
+from data_pipeline.latents import cache_spec, check_manifest, check_text_manifest, read_empty_prompt, text_spec
 from data_pipeline.stream import buckets_of, options_of
 from trainer.config import TrainConfig, check_compatible, config_fingerprint
 from trainer.images import atomic_write_bytes
@@ -54,7 +54,7 @@ def build_task(cfg: TrainConfig, ctx: TaskContext, batches, digits) -> Task:
                          sample_posterior=cfg.train.sample_posterior, image_size=cfg.data.image_size,
                          example_captions=batches.example_captions, digits=digits,
                          reference_storage_options=functools.partial(options_of, cfg.data),
-                         check_first_stage=_latent_cache_check(cfg))
+                         check_first_stage=_latent_cache_check(cfg), cached_text=_cached_text(cfg))
 
 
 def _latent_cache_check(cfg: TrainConfig) -> Callable[[nn.Module], None]:
@@ -69,6 +69,26 @@ def _latent_cache_check(cfg: TrainConfig) -> Callable[[nn.Module], None]:
         log.info("training from the latent cache %s (%d samples; autoencoder %s...)", cfg.data.latent_cache,
                  manifest["samples"], manifest["spec"]["autoencoder_sha256"][:12])
     return check
+
+
+def _cached_text(cfg: TrainConfig) -> Callable[[nn.Module], Optional[torch.Tensor]]:
+    """For a frozen text encoder and a latent cache that holds its outputs (``precompute.text=true``): the
+    cache checked against the encoder (another encoder is refused, naming it) and the empty prompt's
+    cached output returned; None when the encoder is to run at every step."""
+    def load(text_encoder: nn.Module) -> Optional[torch.Tensor]:
+        if not cfg.data.latent_cache:
+            return None
+        manifest = latent_cache_manifest(cfg.data)
+        if not manifest.get("text"):
+            return None
+        where = f"data.latent_cache={cfg.data.latent_cache!r}"
+        if cfg.data.latent_cache_check:
+            check_text_manifest(manifest, text_spec(text_encoder, cfg.model.text_encoder, manifest["text"]["dtype"]),
+                                where)
+        log.info("training from the cached text embeddings of %s (text encoder %s...): the encoder does not run",
+                 where, manifest["text"]["encoder_sha256"][:12])
+        return read_empty_prompt(cfg.data.latent_cache, options_of(cfg.data, cfg.data.latent_cache))
+    return load
 
 
 def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEnv, device: torch.device) -> int:
@@ -90,11 +110,12 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
         return initialize(module, {"model": module}, ds=cfg.deepspeed, optim=cfg.optim,
                           micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation=accum,
                           world_size=env.world_size, max_steps=cfg.train.max_steps, device=device,
-                          load_universal=load_universal)
+                          load_universal=load_universal, compile_blocks=cfg.train.compile)
 
     ctx = TaskContext(device=device, dtype=DTYPES[cfg.deepspeed.precision], rank=env.rank, world_size=env.world_size,
                       seed=cfg.train.seed, zero_stage=cfg.deepspeed.zero_stage, make_engine=make_engine,
-                      load_universal=load_universal, saved_world_size=point.state["world_size"] if point else None)
+                      load_universal=load_universal, saved_world_size=point.state["world_size"] if point else None,
+                      channels_last=cfg.train.channels_last)
     task = build_task(cfg, ctx, batches, digits)
     ema_module = task.ema_module() if cfg.ema.enabled else None
     ema = (EMA(ema_module, cfg.ema.decay, warmup=cfg.ema.warmup, optimizer=task.main_engine.optimizer)
@@ -106,7 +127,8 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
         max_consecutive_nan_steps=cfg.train.max_consecutive_nan_steps,
         inject_nan_at_steps=frozenset(cfg.train.inject_nan_at_steps), ema_start_step=cfg.ema.start_step,
         ema_update_every=cfg.ema.update_every, requeue_signal="SIG" + cfg.slurm.signal,
-        max_requeues=cfg.slurm.max_requeues, peak_tflops=device_peak_tflops(device, cfg.train.peak_tflops))
+        max_requeues=cfg.slurm.max_requeues, peak_tflops=device_peak_tflops(device, cfg.train.peak_tflops),
+        compiled=cfg.train.compile)
     run = RunInfo(experiment=cfg.experiment, world_size=env.world_size, zero_stage=cfg.deepspeed.zero_stage,
                   precision=cfg.deepspeed.precision, config=redact(config_dict),
                   config_fingerprint=config_fingerprint(config_dict))

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.checks import check_int, invalid
+from trainer.models.text_encoders import CHECKPOINT_BLOCKS as TEXT_CHECKPOINT_BLOCKS
 from trainer.models.unet import CHECKPOINT_BLOCKS as UNET_CHECKPOINT_BLOCKS
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,59 @@ def apply_activation_checkpointing(model: nn.Module, enabled: Union[bool, Sequen
     return count
 
 
+# The regions compiled one by one: the UNet's ResBlocks and SpatialTransformers, the text transformer's layers.
+COMPILE_BLOCKS = (*UNET_CHECKPOINT_BLOCKS.values(), *TEXT_CHECKPOINT_BLOCKS.values())
+
+
+def apply_regional_compile(model: nn.Module, blocks: Sequence[type] = COMPILE_BLOCKS, *,
+                           max_graphs_per_block: int = 64) -> int:
+    """Compile each block of ``model`` on its own (torchtitan's regional compilation), in place.
+
+    ``nn.Module.compile`` compiles the block's call without wrapping it, so parameter names - checkpoints,
+    the EMA, ZeRO's partitions, exports - carry no ``_orig_mod.``. Blocks of one kind and shape share
+    their compiled code (a UNet has a handful of distinct block shapes, so compiling it costs a handful
+    of graphs, not one per block), and an activation-checkpointed block is compiled with its
+    recomputation. Shapes are static (``dynamic=False``: inductor's symbolic-shape path fails on these
+    blocks, and static graphs are the fast ones): each distinct (block shape, input size) is one graph,
+    so the count is bounded by the UNet's distinct block shapes times the aspect-ratio buckets;
+    ``max_graphs_per_block`` lifts dynamo's per-code limit (8) to that bound, past which a block runs
+    eagerly. ``compiled_graph_count`` reports the graphs (recompiles included). Returns the number of
+    blocks compiled.
+    """
+    # Imported here: torch._dynamo is imported only by a run that compiles.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, max_graphs_per_block)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
+                                                    4 * max_graphs_per_block)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, tuple(blocks)):
+            module.compile(dynamic=False)
+            count += 1
+    return count
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far (each recompilation adds one)."""
+    # Imported here: torch._dynamo is imported only by a run that compiles.
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def apply_channels_last(module: nn.Module) -> nn.Module:
+    """Convolution weights in NHWC (``torch.channels_last``), in place; returns ``module``. For networks
+    outside DeepSpeed (the frozen first stage).
+
+    cuDNN's tensor-core convolutions run natively in NHWC; an NCHW network pays a transpose around each
+    (NeMo's SD recipe gains from it). A convolution runs NHWC when its input or its weight is
+    (``cudnn_conv_suggest_memory_format``) and its output keeps the format, so for the engine's network
+    NHWC inputs are enough: DeepSpeed needs contiguous parameters (it broadcasts and flattens them).
+    """
+    return module.to(memory_format=torch.channels_last)
+
+
 def deepspeed_config(cfg: DeepSpeedConfig, *, micro_batch_size: int, gradient_accumulation: int,
                      world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """The ``ds_config`` dict for ``deepspeed.initialize``."""
@@ -271,9 +325,11 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 
 def initialize(module: nn.Module, trainable: dict[str, nn.Module], *, ds: DeepSpeedConfig, optim: OptimConfig,
                micro_batch_size: int, gradient_accumulation: int, world_size: int, max_steps: int,
-               device: torch.device, load_universal: bool = False, fused_optimizer: bool | None = None):
+               device: torch.device, load_universal: bool = False, fused_optimizer: bool | None = None,
+               compile_blocks: bool = False):
     """``deepspeed.initialize`` over ``module`` with only ``trainable``'s parameters optimized, after
-    ``ds.activation_checkpointing`` is applied to the UNet blocks ``module`` holds.
+    ``ds.activation_checkpointing`` is applied to the UNet blocks ``module`` holds, and with
+    ``compile_blocks`` its blocks are compiled one by one (``apply_regional_compile``).
 
     Returns ``(engine, optimizer)``: ``optimizer`` is the client AdamW (``skip_next_step`` lives on
     it); ``engine.optimizer`` is DeepSpeed's wrapper around it.
@@ -285,6 +341,9 @@ def initialize(module: nn.Module, trainable: dict[str, nn.Module], *, ds: DeepSp
     if ds.activation_checkpointing != "none":
         kinds = True if ds.activation_checkpointing == "all" else [ds.activation_checkpointing]
         apply_activation_checkpointing(module, kinds, UNET_CHECKPOINT_BLOCKS)
+    if compile_blocks:
+        num_blocks = apply_regional_compile(module)
+        log.info("compiling %d blocks one by one (train.compile)", num_blocks)
     config = deepspeed_config(ds, micro_batch_size=micro_batch_size, gradient_accumulation=gradient_accumulation,
                               world_size=world_size, load_universal=load_universal)
     optimizer = build_optimizer(parameter_groups(trainable, optim.weight_decay), optim, device, fused=fused_optimizer)

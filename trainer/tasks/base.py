@@ -37,6 +37,7 @@ class TaskContext:
     # universal format (``saved_world_size`` ranks then); a task that cannot be resumed so refuses.
     load_universal: bool = False
     saved_world_size: Optional[int] = None
+    channels_last: bool = False  # train.channels_last: NHWC inputs, and NHWC weights outside the engine
 
 
 @dataclass

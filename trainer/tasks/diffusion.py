@@ -30,7 +30,7 @@ from trainer.models.unet import UNetModel
 from trainer.runtime import distributed
 from trainer.runtime.checkpoint import tag_for
 from trainer.runtime.ema import EMA, copy_into
-from trainer.runtime.engine import trainable_parameters
+from trainer.runtime.engine import apply_channels_last, trainable_parameters
 from trainer.runtime.tracking import RunTracker
 from trainer.tasks.base import MicroBatch, Task, TaskContext
 
@@ -69,13 +69,16 @@ class DiffusionTask(Task):
                  sample_posterior: bool, image_size: int, example_captions: Callable[[int], list[str]],
                  digits: Optional[DigitsDatasetInfo] = None,
                  reference_storage_options: Callable[[str], dict[str, Any]] = lambda url: {},
-                 check_first_stage: Callable[[nn.Module], None] = lambda first_stage: None) -> None:
+                 check_first_stage: Callable[[nn.Module], None] = lambda first_stage: None,
+                 cached_text: Callable[[nn.Module], Optional[torch.Tensor]] = lambda text_encoder: None) -> None:
         """``check_first_stage`` runs on the built first stage before any engine is built (training from
-        a latent cache checks the cache's manifest against it)."""
+        a latent cache checks the cache's manifest against it); ``cached_text`` on a frozen text encoder
+        returns the empty prompt's cached output when the batches carry the encoder's cached outputs
+        (``text_context``), which are then used instead of running it."""
         self.ctx, self.model_cfg, self.eval_cfg = ctx, model, eval_cfg
         self.sample_posterior = sample_posterior
         self.cond_drop_prob = diffusion.cond_drop_prob
-        self._flops_cache: dict[tuple[int, int, bool], int] = {}
+        self._flops_cache: dict[tuple[int, int, bool, bool], int] = {}
         parts = build_networks(model, ctx.seed)  # seeded: identical initial weights on every rank
         self.tokenizer = parts.tokenizer
         self.diffusion = build_diffusion(diffusion)
@@ -83,7 +86,11 @@ class DiffusionTask(Task):
         module = DiffusionTrainModule(parts.unet, parts.text_encoder if self.text_trainable else None)
         self.frozen_text = None if self.text_trainable else parts.text_encoder.to(ctx.device).eval()
         self.first_stage = parts.first_stage.to(ctx.device).eval()
+        if ctx.channels_last:
+            apply_channels_last(self.first_stage)
+        self._memory_format = torch.channels_last if ctx.channels_last else torch.preserve_format
         check_first_stage(self.first_stage)
+        self.empty_context = None if self.frozen_text is None else cached_text(self.frozen_text)  # (L, D) or None
         self.engine, self.optimizer = ctx.make_engine(module)
         self.engines = {"model": (self.engine, self.optimizer)}
         self.summary = (f"{trainable_parameters(module, ctx.zero_stage):,} trainable parameters "
@@ -102,20 +109,23 @@ class DiffusionTask(Task):
         captions = drop_conditions(batch["captions"], self.cond_drop_prob, gens)
         with torch.no_grad():
             x0 = self._latents(batch, gens)  # (B, C, h, w)
-        cond = self._condition(captions)
+        cond = self._condition(captions, batch.get("text_context"))
         losses = self.diffusion.training_losses(self._model_fn, x0, cond, generator=gens)
         loss = losses["loss"].mean()
-        flops = x0.shape[0] * self._flops_per_sample(*x0.shape[-2:], cached_latents="latent_mean" in batch)
+        cached_text = self.empty_context is not None and "text_context" in batch
+        flops = x0.shape[0] * self._flops_per_sample(*x0.shape[-2:], cached_latents="latent_mean" in batch,
+                                                     cached_text=cached_text)
         return MicroBatch(loss=loss, backward={"model": loss}, flops=flops)
 
-    def _flops_per_sample(self, height: int, width: int, *, cached_latents: bool) -> int:
+    def _flops_per_sample(self, height: int, width: int, *, cached_latents: bool, cached_text: bool) -> int:
         """Model FLOPs of one sample at this latent size (one entry per aspect bucket); recomputation by
         activation checkpointing is not model FLOPs (MFU, PaLM App. B)."""
-        key = (height, width, cached_latents)
+        key = (height, width, cached_latents, cached_text)
         if key not in self._flops_cache:
             m, f = self.model_cfg, self.model_cfg.autoencoder.downsample_factor
             self._flops_cache[key] = diffusion_training_flops(
-                m.unet, m.text_encoder, m.autoencoder, height * f, width * f, cached_latents=cached_latents).total.model
+                m.unet, m.text_encoder, m.autoencoder, height * f, width * f, cached_latents=cached_latents,
+                cached_text=cached_text).total.model
         return self._flops_cache[key]
 
     def _latents(self, batch: dict[str, Any], gens: SampleGenerators) -> torch.Tensor:
@@ -123,7 +133,8 @@ class DiffusionTask(Task):
         posterior sample (``train.sample_posterior``), then the first stage's scale and shift."""
         device = self.ctx.device
         if "latent_mean" not in batch:
-            posterior = self.first_stage.encode(batch["images"].to(device))  # images (B, 3, H, W) in [-1, 1]
+            images = batch["images"].to(device, memory_format=self._memory_format)  # (B, 3, H, W) in [-1, 1]
+            posterior = self.first_stage.encode(images)
         else:
             mean = batch["latent_mean"].to(device)
             logvar = batch.get("latent_logvar")
@@ -137,8 +148,15 @@ class DiffusionTask(Task):
             z = z + posterior.std * gens.randn(tuple(z.shape[1:])).to(z)
         return self.first_stage.to_latent(z).float()
 
-    def _condition(self, captions: list[str]) -> torch.Tensor:
-        """Token ids for a jointly trained text encoder, else the frozen encoder's hidden states."""
+    def _condition(self, captions: list[str], cached: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token ids for a jointly trained text encoder, else the frozen encoder's hidden states: from the
+        latent cache when it holds them (``cached``, (B, L, D); a caption dropped for classifier-free
+        guidance - now "" - gets the empty prompt's), else by running the encoder."""
+        if cached is not None and self.empty_context is not None:
+            device = self.ctx.device
+            dropped = torch.tensor([c == "" for c in captions], device=device)[:, None, None]  # (B, 1, 1)
+            context = torch.where(dropped, self.empty_context.to(device), cached.to(device))
+            return context.to(self.ctx.dtype)  # (B, L, D)
         tokens = self.tokenizer(captions).to(self.ctx.device)  # (B, L)
         if self.text_trainable:
             return tokens
@@ -146,7 +164,7 @@ class DiffusionTask(Task):
             return self.frozen_text(tokens).to(self.ctx.dtype)  # (B, L, D)
 
     def _model_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.engine(x_t.to(self.ctx.dtype), t, cond)
+        return self.engine(x_t.to(self.ctx.dtype, memory_format=self._memory_format), t, cond)
 
     # ------------------------------------------------------------------ evaluation
 
