@@ -95,6 +95,8 @@ def stream_shards(num_shards: int, *, seed: int, source: int, stream: int, num_s
 
 def window_order(n: int, *, seed: int, source: int, stream: int, epoch: int, window: int) -> list[int]:
     """The order in which the ``n`` raw samples of a shuffle window are drawn."""
+    if n <= 1:  # no shuffling (data.shuffle_buffer <= 1), or a pass's last window of one
+        return list(range(n))
     return [int(i) for i in np.random.default_rng([seed, source, stream, epoch, window, 0x3F1]).permutation(n)]
 
 

@@ -82,10 +82,10 @@ def test_a_resized_streamed_run_continues_the_uninterrupted_one_bitwise(tmp_path
     urls = build_clean_corpus(tmp_path / "data", n_shards=8, per_shard=10)
     common = STREAM + ["data.urls=[" + ",".join(urls) + "]", "checkpoint.interval_steps=100"]
     ref_dir = tmp_path / "ref"
-    run(ref_dir, common + ["data.num_workers=2", "train.max_steps=10"], nproc=2)
+    run(ref_dir, common + ["data.num_workers=2", "train.max_steps=10"], nproc=2, timeout=900)
     run_dir = tmp_path / "run"
     for workers, steps in ((2, 3), (1, 6), (2, 10)):
-        run(run_dir, common + [f"data.num_workers={workers}", f"train.max_steps={steps}"], nproc=2)
+        run(run_dir, common + [f"data.num_workers={workers}", f"train.max_steps={steps}"], nproc=2, timeout=900)
     ref, got = losses(ref_dir), losses(run_dir)
     assert sorted(got) == sorted(ref) == list(range(1, 11))
     assert all(got[s] == ref[s] for s in range(1, 11)), {s: (got[s], ref[s]) for s in ref}
