@@ -34,6 +34,16 @@ pytestmark = pytest.mark.slow
 SUBMIT = [sys.executable, "-m", "trainer.submit"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _deepspeed_cpu_ops_built() -> None:
+    """Build DeepSpeed's CPU shared-memory op (a JIT C++ extension every rank loads at start-up) once,
+    here, into the jobs' TORCH_EXTENSIONS_DIR: otherwise the first job's ranks wait on its file lock
+    while one of them compiles it (minutes on 2 busy cores; again after torch or deepspeed change)."""
+    proc = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _job(nodes: int = 2) -> list[str]:
     # global batch 8 = micro 2 x 4 ranks (accumulation 2 on 2 ranks)
     return ["experiment=tiny", f"slurm.nodes={nodes}", "slurm.gpus_per_node=0", "slurm.tasks_per_node=2",
@@ -45,7 +55,7 @@ def _submit(cluster, run_dir: Path, *extra: str, nodes: int = 2) -> str:
     # No MASTER_ADDR / MASTER_PORT: the job takes them from its node list and job id.
     env = {k: v for k, v in train_env(cluster.env).items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([*SUBMIT, *_job(nodes), f"run_dir={run_dir}", *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)  # Hydra's composition, on a busy machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.split("submitted job ", 1)[1].split()[0]
 
