@@ -20,29 +20,42 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from test_eval_protocol import DATA_ROOT, METRIC_KEYS, RANK_WORKER, _load_rank
+from test_eval_protocol import TRAIN as EVAL_TRAIN
 from train_helpers import ROOT, latest, losses, train_env
+from train_helpers import run as run_local
 from trainer.runtime.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN
 
 pytestmark = pytest.mark.slow
 
 SUBMIT = [sys.executable, "-m", "trainer.submit"]
-DIGITS = ROOT / ".cache" / "data" / "digits16"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _deepspeed_cpu_ops_built() -> None:
+    """Build DeepSpeed's CPU shared-memory op (a JIT C++ extension every rank loads at start-up) once,
+    here, into the jobs' TORCH_EXTENSIONS_DIR: otherwise the first job's ranks wait on its file lock
+    while one of them compiles it (minutes on 2 busy cores; again after torch or deepspeed change)."""
+    proc = subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _job(nodes: int = 2) -> list[str]:
     # global batch 8 = micro 2 x 4 ranks (accumulation 2 on 2 ranks)
     return ["experiment=tiny", f"slurm.nodes={nodes}", "slurm.gpus_per_node=0", "slurm.tasks_per_node=2",
             "slurm.cpus_per_task=1", "slurm.time=00:10:00", "slurm.socket_ifname=tnet0", "train.micro_batch_size=2",
-            "checkpoint.keep_last=100", f"data.root={DIGITS}"]
+            "checkpoint.keep_last=100", f"data.root={DATA_ROOT}"]
 
 
 def _submit(cluster, run_dir: Path, *extra: str, nodes: int = 2) -> str:
     # No MASTER_ADDR / MASTER_PORT: the job takes them from its node list and job id.
     env = {k: v for k, v in train_env(cluster.env).items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([*SUBMIT, *_job(nodes), f"run_dir={run_dir}", *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)  # Hydra's composition, on a busy machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.split("submitted job ", 1)[1].split()[0]
 
@@ -171,3 +184,66 @@ def test_a_lost_node_ends_the_whole_job_and_a_rerun_resumes_from_the_last_comple
     after = _log(run_dir).split(f"job {rerun} ", 1)[1]
     assert f"resumed from checkpoint {last}: step {last_step}, {8 * last_step} samples seen" in after, after[-4000:]
     assert sorted(losses(run_dir))[-2:] == [last_step + 1, last_step + 2]
+
+
+def _sbatch(cluster, script: Path) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], cwd=ROOT, env=train_env(cluster.env) | {"PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def test_evaluation_on_two_nodes_gives_the_images_and_numbers_of_one_rank(slurm_two_nodes, tmp_path) -> None:
+    """``eval.run`` (the watcher's srun line) and the protocol's sample/gather/score steps with
+    2 nodes x 2 ranks, against one rank: the same images per global batch, the same gathered
+    features, digits and grid, the same metrics."""
+    cluster = slurm_two_nodes
+    run_dir, cache = tmp_path / "run", tmp_path / "reference_cache"
+    run_local(run_dir, [*EVAL_TRAIN, f"eval.reference_cache={cache}"])
+    root, checkpoint = run_dir / "checkpoints", run_dir / "checkpoints" / "step00000004"
+    one_eval, four_eval = tmp_path / "eval_one", tmp_path / "eval_four"
+    proc = subprocess.run([sys.executable, "-m", "eval.run", f"checkpoint={root}", f"out={one_eval}"], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    worker = tmp_path / "rank_worker.py"
+    worker.write_text(RANK_WORKER)
+    one_ranks, four_ranks = tmp_path / "ranks1", tmp_path / "ranks4"
+    one_ranks.mkdir(), four_ranks.mkdir()
+    worker_args = [str(checkpoint), str(DATA_ROOT), str(cache)]
+    proc = subprocess.run([sys.executable, str(worker), worker_args[0], str(one_ranks), *worker_args[1:]], cwd=ROOT,
+                          env=train_env() | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    out = tmp_path / "eval_job.out"
+    script = tmp_path / "eval.sbatch"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=2\n#SBATCH --cpus-per-task=1\n"
+        f"#SBATCH --output={out}\nset -euo pipefail\nexport GLOO_SOCKET_IFNAME=tnet0 OMP_NUM_THREADS=1\n"
+        f"srun --kill-on-bad-exit=1 {sys.executable} -m eval.run checkpoint={root} out={four_eval}\n"
+        f"srun --kill-on-bad-exit=1 {sys.executable} {worker} {worker_args[0]} {four_ranks} {' '.join(worker_args[1:])}\n")
+    job = _sbatch(cluster, script)
+    assert cluster.wait(job, timeout_s=300) == "COMPLETED", out.read_text()[-4000:]
+
+    # eval.run: the numbers.
+    one = json.loads((one_eval / "step00000004.json").read_text())
+    four = json.loads((four_eval / "step00000004.json").read_text())
+    assert one["world_size"] == 1 and four["world_size"] == 4 and four["protocol"] == one["protocol"]
+    assert [{k: r[k] for k in METRIC_KEYS} for r in four["results"]] == [{k: r[k] for k in METRIC_KEYS} for r in one["results"]]
+
+    # The protocol's steps: global batch j (3 samples) is drawn by rank j % 4 -- ranks 2 and 3 on node2.
+    single, single_arrays = _load_rank(one_ranks, 0)
+    ranks = [_load_rank(four_ranks, r) for r in range(4)]
+    drawn_single = {k: v for k, v in single_arrays.items() if k.startswith("drawn_")}
+    for g in ("1", "3"):
+        assert single["drawn"][g] == [0, 3, 6, 9, 12, 15, 18]
+        assert [info["drawn"][g] for info, _ in ranks] == [[0, 12], [3, 15], [6, 18], [9]]
+    drawn_four = [{k: v for k, v in arrays.items() if k.startswith("drawn_")} for _, arrays in ranks]
+    assert sorted(k for d in drawn_four for k in d) == sorted(drawn_single)
+    for drawn in drawn_four:
+        for key, images in drawn.items():
+            assert images.dtype == np.uint8 and np.array_equal(images, drawn_single[key]), key
+    for info, arrays in ranks:  # every rank holds the whole gathered set, and the same metrics
+        assert info["world_size"] == 4 and info["metrics"] == single["metrics"]
+        for g in ("1", "3"):
+            for key in ("features", "digits", "grid"):
+                assert np.array_equal(arrays[f"{key}_g{g}"], single_arrays[f"{key}_g{g}"]), (key, g)
