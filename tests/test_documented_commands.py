@@ -153,3 +153,23 @@ def test_documented_command_parses(where: str, line: str) -> None:
 def test_a_broken_example_fails_the_check(line: str) -> None:
     with pytest.raises(Exception):
         check_command(line)
+
+
+@pytest.mark.parametrize("override, urls", [
+    ('data.urls="s3://bucket/laion/{00000..12345}.tar"', ["s3://bucket/laion/{00000..12345}.tar"]),
+    ("data.urls='s3://bucket/laion/{00000..12345}.tar'", ["s3://bucket/laion/{00000..12345}.tar"]),
+    ("data.urls=/data/a.tar", ["/data/a.tar"]),
+    ('data.urls=["s3://a/{0..9}.tar",/data/b/*.tar,/data/c/shards.txt]', ["s3://a/{0..9}.tar", "/data/b/*.tar",
+                                                                          "/data/c/shards.txt"]),
+])
+def test_data_urls_take_one_pattern_or_a_list(override: str, urls: list[str]) -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("train", overrides=["experiment=ldm_1p45b_256", override]))
+    assert cfg.data.urls == urls
+
+
+def test_data_urls_refuse_what_is_not_a_pattern() -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        for bad in ("data.urls=5", "data.urls=[a.tar,'']"):
+            with pytest.raises(ValueError, match=r"data.urls=.* is invalid; allowed: a shard URL pattern"):
+                OmegaConf.to_object(compose("train", overrides=["experiment=ldm_1p45b_256", bad]))
