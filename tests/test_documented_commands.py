@@ -73,7 +73,19 @@ def conf_commands() -> list[tuple[str, str]]:
     return out
 
 
+def conf_override_examples() -> list[tuple[str, str]]:
+    """(where, override) of every quoted ``'data.<key>=...'`` example in the comments of conf/*.yaml
+    (an example may span comment lines)."""
+    out = []
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
+        comments = " ".join(line.split("#", 1)[1].strip() for line in path.read_text().splitlines()
+                            if line.lstrip().startswith("#"))
+        out += [(str(path.relative_to(ROOT)), m) for m in re.findall(r"'(data\.[a-z_.]+=.*?)'(?:\s|$)", comments)]
+    return out
+
+
 COMMANDS = readme_commands() + conf_commands()
+OVERRIDES = conf_override_examples()
 
 
 def _words(line: str) -> list[str]:
@@ -139,6 +151,15 @@ def test_the_readme_documents_the_commands() -> None:
 @pytest.mark.parametrize("where,line", COMMANDS, ids=[f"{w}: {line[:60]}" for w, line in COMMANDS])
 def test_documented_command_parses(where: str, line: str) -> None:
     check_command(line)
+
+
+def test_conf_comments_hold_override_examples() -> None:
+    assert {o.split("=", 1)[0] for _, o in OVERRIDES} >= {"data.urls", "data.sources"}
+
+
+@pytest.mark.parametrize("where,override", OVERRIDES, ids=[o[:60] for _, o in OVERRIDES])
+def test_conf_comment_override_parses(where: str, override: str) -> None:
+    check_hydra("trainer.train", ["experiment=ldm_1p45b_256", override])
 
 
 @pytest.mark.parametrize("line", [
