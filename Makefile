@@ -32,21 +32,24 @@ install: $(VENV)/.installed
 # UNet on the cached latents with DeepSpeed on the CPU, sample every digit, score the samples (digit
 # recognition, FID on the digit classifier's features). W&B offline unless a key is set. ARGS go to
 # the diffusion job, AE_ARGS to the autoencoder's.
+# The demo's steps without train.num_threads (encoding, scoring) use the training jobs' 2 threads too,
+# so a machine with more cores computes the same sums in the same order.
+DEMO_THREADS := OMP_NUM_THREADS=2
 DEMO_DIGITS := $(CURDIR)/.cache/data/digits16
 DEMO_AE_RUN ?= runs/demo_autoencoder
 DEMO_CACHE ?= $(CURDIR)/.cache/latents/demo_latent
 run: install
 	$(PY) -m trainer.train experiment=demo_autoencoder run_dir=$(DEMO_AE_RUN) $(AE_ARGS)
-	$(PY) -m eval.reconstruction checkpoint=$(DEMO_AE_RUN) data=$(DEMO_DIGITS)/val-000000.tar features=digits \
+	$(DEMO_THREADS) $(PY) -m eval.reconstruction checkpoint=$(DEMO_AE_RUN) data=$(DEMO_DIGITS)/val-000000.tar features=digits \
 	    digit_classifier=$(DEMO_DIGITS)/digit_classifier.json lpips_random_backbone=true overwrite=true
 	ae="$$($(PY) -m trainer.autoencoder_overrides $(DEMO_AE_RUN))" && \
-	$(PY) -m data_pipeline.precompute experiment=demo_latent $$ae precompute.out=$(DEMO_CACHE) && \
+	$(DEMO_THREADS) $(PY) -m data_pipeline.precompute experiment=demo_latent $$ae precompute.out=$(DEMO_CACHE) && \
 	$(PY) -m trainer.train experiment=demo_latent $$ae data.latent_cache=$(DEMO_CACHE) $(ARGS)
 
 # The pixel-space variant (the paper's LDM-1): no autoencoder; the cache holds exact fp32 pixels.
 PIXEL_CACHE ?= $(CURDIR)/.cache/latents/demo
 run-pixel: install
-	$(PY) -m data_pipeline.precompute experiment=demo precompute.out=$(PIXEL_CACHE) $(ARGS)
+	$(DEMO_THREADS) $(PY) -m data_pipeline.precompute experiment=demo precompute.out=$(PIXEL_CACHE) $(ARGS)
 	$(PY) -m trainer.train experiment=demo data.latent_cache=$(PIXEL_CACHE) $(ARGS)
 
 plan: install

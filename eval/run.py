@@ -123,6 +123,8 @@ class Evaluator:
         self.cfg = protocol_config(OmegaConf.to_container(OmegaConf.structured(run_cfg.eval)), args)
         self.run_cfg = run_cfg
         self.resolution = self.cfg.resolution or run_cfg.data.image_size
+        if self.cfg.resolution:  # before the scorers and the reference statistics are built
+            run_cfg.model.check_image_size("eval.resolution", self.cfg.resolution)
         digits = None
         if run_cfg.data.kind == "digits":
             digits = read_digits_manifest(run_cfg.data.root)

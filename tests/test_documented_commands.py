@@ -73,7 +73,19 @@ def conf_commands() -> list[tuple[str, str]]:
     return out
 
 
+def conf_override_examples() -> list[tuple[str, str]]:
+    """(where, override) of every quoted ``'data.<key>=...'`` example in the comments of conf/*.yaml
+    (an example may span comment lines)."""
+    out = []
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
+        comments = " ".join(line.split("#", 1)[1].strip() for line in path.read_text().splitlines()
+                            if line.lstrip().startswith("#"))
+        out += [(str(path.relative_to(ROOT)), m) for m in re.findall(r"'(data\.[a-z_.]+=.*?)'(?:\s|$)", comments)]
+    return out
+
+
 COMMANDS = readme_commands() + conf_commands()
+OVERRIDES = conf_override_examples()
 
 
 def _words(line: str) -> list[str]:
@@ -141,6 +153,15 @@ def test_documented_command_parses(where: str, line: str) -> None:
     check_command(line)
 
 
+def test_conf_comments_hold_override_examples() -> None:
+    assert {o.split("=", 1)[0] for _, o in OVERRIDES} >= {"data.urls", "data.sources"}
+
+
+@pytest.mark.parametrize("where,override", OVERRIDES, ids=[o[:60] for _, o in OVERRIDES])
+def test_conf_comment_override_parses(where: str, override: str) -> None:
+    check_hydra("trainer.train", ["experiment=ldm_1p45b_256", override])
+
+
 @pytest.mark.parametrize("line", [
     # The README's forms before issue 19: Hydra's grammar refuses the braces inside [ ] or bare.
     "python -m trainer.train experiment=ldm_1p45b_256 data.urls='[s3://bucket/laion/{00000..12345}.tar]'",
@@ -153,3 +174,23 @@ def test_documented_command_parses(where: str, line: str) -> None:
 def test_a_broken_example_fails_the_check(line: str) -> None:
     with pytest.raises(Exception):
         check_command(line)
+
+
+@pytest.mark.parametrize("override, urls", [
+    ('data.urls="s3://bucket/laion/{00000..12345}.tar"', ["s3://bucket/laion/{00000..12345}.tar"]),
+    ("data.urls='s3://bucket/laion/{00000..12345}.tar'", ["s3://bucket/laion/{00000..12345}.tar"]),
+    ("data.urls=/data/a.tar", ["/data/a.tar"]),
+    ('data.urls=["s3://a/{0..9}.tar",/data/b/*.tar,/data/c/shards.txt]', ["s3://a/{0..9}.tar", "/data/b/*.tar",
+                                                                          "/data/c/shards.txt"]),
+])
+def test_data_urls_take_one_pattern_or_a_list(override: str, urls: list[str]) -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("train", overrides=["experiment=ldm_1p45b_256", override]))
+    assert cfg.data.urls == urls
+
+
+def test_data_urls_refuse_what_is_not_a_pattern() -> None:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        for bad in ("data.urls=5", "data.urls=[a.tar,'']"):
+            with pytest.raises(ValueError, match=r"data.urls=.* is invalid; allowed: a shard URL pattern"):
+                OmegaConf.to_object(compose("train", overrides=["experiment=ldm_1p45b_256", bad]))

@@ -266,7 +266,8 @@ def _state_only_root(trained, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("args, message", [
     (["protocol=coco_fid31k"], r"protocol='coco_fid31k': .*coco_fid31k.yaml does not exist; presets: \[.*'digits'"),
     (["eval.guidance_scales=[0.5]"], r"eval.guidance_scales=\[0.5\] is invalid; allowed: a non-empty list of floats >= 1"),
-    (["eval.num_stepz=3"], r"eval config: .*num_stepz"),
+    (["eval.num_stepz=3"], r"eval.num_stepz is not a key of this config; did you mean eval.num_steps"),
+    (["eval.resolution=17"], r"eval.resolution=17 is invalid; allowed: a multiple of 2"),
     (["checkpoint={tmp}"], r"checkpoint='.*' is not a checkpoint: expected <root>/<tag>"),
 ])
 def test_eval_run_rejects_bad_input_before_loading_a_model(trained, tmp_path, args, message) -> None:

@@ -305,3 +305,62 @@ def test_init_from_ema_and_a_missing_text_tower_are_refused_naming_the_fix(tmp_p
     with pytest.raises(FileNotFoundError, match="model.text_encoder.checkpoint_path is not set and model.init_from=.* "
                                                 "holds no text encoder weights"):
         build_networks(_sd_v1_like(tmp_path, [f"model.init_from={path}"]).model, seed=0)
+
+
+def _loaded_model(overrides: list[str]):
+    """A ``LoadedModel`` of the tiny latent model with perturbed random weights (the UNet's zero-initialised
+    output layers would make every image ignore its prompt), as trainer.export receives one."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import trainer.config  # noqa: F401 - registers the train_schema
+    from trainer.diffusion import build_diffusion
+    from trainer.inference import LoadedModel
+    from trainer.interchange import build_networks
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        c = compose(config_name="train", overrides=["experiment=tiny", "model=tiny_kl", *overrides])
+    cfg = OmegaConf.to_object(c)
+    parts = build_networks(cfg.model, cfg.train.seed)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in list(parts.unet.parameters()) + list(parts.text_encoder.parameters()):
+            p.add_(torch.randn_like(p) * 0.05)
+    for m in (parts.unet, parts.text_encoder, parts.first_stage):
+        m.eval().requires_grad_(False)
+    return LoadedModel(cfg=cfg, unet=parts.unet, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                       first_stage=parts.first_stage, schedule=build_diffusion(cfg.diffusion).schedule,
+                       source={"checkpoint": "test", "tag": "step00000000", "step": 0, "weights": "ema"})
+
+
+@pytest.mark.parametrize("positions, pipeline_class", [
+    (77, "LDMTextToImagePipeline"),   # the paper's text transformer (ldm_1p45b, tiny)
+    (16, "StableDiffusionPipeline"),  # the demo's (experiment=demo_latent): LDMTextToImagePipeline pads to 77
+])
+def test_every_exported_pipeline_draws_our_images_with_and_without_guidance(positions, pipeline_class, tmp_path) -> None:
+    from diffusers import DiffusionPipeline
+
+    from trainer.images import to_uint8
+    from trainer.interchange import export_diffusers, load_pretrained
+    from trainer.models.config import build_components
+    from trainer.sampling.pipeline import text_to_image
+
+    model = _loaded_model([f"model.text_encoder.max_length={positions}"])
+    out = export_diffusers(model, tmp_path / "pipe")
+    pipe = DiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    assert type(pipe).__name__ == pipeline_class
+    assert pipe.tokenizer.model_max_length == positions
+    size = model.cfg.data.image_size
+    # LDMTextToImagePipeline sizes its latents as height // 8 whatever the VAE's factor (4 here).
+    height = size * 8 // model.cfg.model.autoencoder.downsample_factor if pipeline_class.startswith("LDM") else size
+    for guidance in (1.0, 3.0):
+        ours = to_uint8(text_to_image(model.unet, model.encode_fn(), model.first_stage, [PROMPT], [4],
+                                      schedule=model.schedule, latent_shape=model.latent_shape, num_steps=3,
+                                      guidance_scale=guidance)).astype(np.int16)[0]
+        theirs = pipe([PROMPT], height=height, width=height, num_inference_steps=3, guidance_scale=guidance, eta=0.0,
+                      generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+        assert np.abs(ours - (theirs * 255).round().astype(np.int16)).max() <= 1  # <= 1/255
+    # The folder imports back (model.init_from) bit for bit, whichever pipeline class holds it.
+    back = build_components(model.cfg.model)
+    load_pretrained(back, str(out), model.cfg.model)
+    assert all(torch.equal(v, model.text_encoder.state_dict()[k]) for k, v in back.text_encoder.state_dict().items())

@@ -299,6 +299,27 @@ def test_progress_bar_only_on_a_tty(tmp_path, make_tracker, monkeypatch):
         assert ("4/4" in stderr.getvalue() and "loss 0.5" in stderr.getvalue()) == progress_bar
 
 
+def test_progress_line_moves_between_log_lines_with_an_eta(tmp_path, make_tracker, monkeypatch):
+    class FakeTTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stderr in (FakeTTY(), io.StringIO()):  # a terminal, then a pipe
+        monkeypatch.setattr(sys, "stderr", stderr)
+        tracker = make_tracker(tmp_path / f"run{stderr.isatty()}", wandb_mode="disabled", interval_steps=50,
+                               max_steps=100, progress_bar=True)
+        for step in range(1, 8):  # no log step yet: only the progress line may show anything
+            tracker.advance(step)
+        if tracker._bar is not None:
+            tracker._bar.refresh()  # tqdm redraws at most every 0.1 s; the test runs faster
+        shown = stderr.getvalue()
+        tracker.finish()
+        if stderr.isatty():
+            assert "7/100" in shown and "<" in shown  # steps done and tqdm's [elapsed<remaining]
+        else:
+            assert shown == ""
+
+
 def test_log_steps_and_bad_inputs(tmp_path, make_tracker):
     tracker = make_tracker(tmp_path / "run", wandb_mode="disabled", interval_steps=10, image_interval_steps=0,
                            max_steps=25)

@@ -1,8 +1,9 @@
 """``python -m trainer.export checkpoint=<...> out=<dir> format=diffusers|safetensors [use_ema=true]``
 
 ``diffusers``: a pipeline folder that ``diffusers`` loads offline with ``from_pretrained`` -
-``LDMTextToImagePipeline`` for the paper's trainable text transformer (``LDMBertModel``),
-``StableDiffusionPipeline`` for a frozen OpenCLIP tower (``CLIPTextModel``). ``safetensors``: one
+``LDMTextToImagePipeline`` for the paper's trainable text transformer (``LDMBertModel``) with 77
+positions, ``StableDiffusionPipeline`` holding it for any other length, and for a frozen OpenCLIP
+tower (``CLIPTextModel``). ``safetensors``: one
 file per component in our (CompVis) layout plus the model config. Either is written under a
 temporary name and renamed when complete.
 """

@@ -7,7 +7,8 @@ object is ever built). Every tensor must land: a missing, unexpected or misshape
 component config that differs from ours, is an error naming what differs.
 
 Export: a diffusers ``LDMTextToImagePipeline`` folder (the paper's trainable text transformer as
-``LDMBertModel``) or ``StableDiffusionPipeline`` folder (a frozen OpenCLIP tower as ``CLIPTextModel``),
+``LDMBertModel``, 77 positions; other lengths as a ``StableDiffusionPipeline`` holding it, see
+``ldm_pipeline``) or ``StableDiffusionPipeline`` folder (a frozen OpenCLIP tower as ``CLIPTextModel``),
 loadable offline with ``from_pretrained``; or one safetensors file per component in our (CompVis)
 layout. Folders are written under a temporary name and renamed when complete.
 """
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DIFFUSERS_VERSION = "0.42.1"  # what the written configs claim; the folders load in diffusers >= 0.20
 SAFETENSORS_META = {"format": "pt"}
+LDM_PIPELINE_TOKENS = 77  # diffusers' LDMTextToImagePipeline tokenizes to this length, whatever the model
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
@@ -223,6 +225,8 @@ def _load_diffusers(parts, root: Path, cfg) -> dict[str, Any]:
         load_strict(parts.first_stage, ours, f"{where} ({vae_dir.name})")
         summary["first_stage"] = len(ours)
     sub, _, _, from_theirs, text_config = _text_converter(cfg)
+    if not (root / sub).is_dir() and (root / "text_encoder").is_dir():
+        sub = "text_encoder"  # our StableDiffusionPipeline export of a paper's text transformer
     if (root / sub).is_dir():
         _check_config(root / sub / "config.json", _text_arch(cfg, text_config), f"{where} ({sub}/config.json)")
         sd = _read_safetensors(root / sub / "model.safetensors", f"{where} ({sub})")
@@ -321,6 +325,16 @@ def _staging(out: Path) -> Path:
     return tmp
 
 
+def ldm_pipeline(cfg: ModelConfig) -> bool:
+    """Whether the export is an ``LDMTextToImagePipeline``: the paper's text transformer with the
+    77 positions that pipeline pads every prompt to (``max_length=77`` is fixed in its ``__call__``).
+    Any other text encoder length (the demo's 16) exports as a ``StableDiffusionPipeline`` holding the
+    same ``LDMBertModel``: it pads to the tokenizer's ``model_max_length`` (= the model's positions)
+    and sizes latents by the VAE's own factor. diffusers warns that it expected a CLIPTextModel there;
+    the pipeline only calls the encoder on token ids and reads its last hidden state."""
+    return cfg.text_encoder.kind == "ldm_bert" and cfg.text_encoder.max_length == LDM_PIPELINE_TOKENS
+
+
 def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path:
     """A diffusers pipeline folder for ``model`` (a ``trainer.inference.LoadedModel``)."""
     cfg = model.cfg.model
@@ -337,7 +351,7 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
                                                    "_diffusers_version": DIFFUSERS_VERSION,
                                                    "sample_size": model.latent_shape[1],
                                                    **diffusers_unet_config(cfg.unet)})
-        ldm = cfg.text_encoder.kind == "ldm_bert"
+        ldm = ldm_pipeline(cfg)
         vae_dir = "vqvae" if ldm else "vae"
         vae_sd, report = vae_to_diffusers(model.first_stage.state_dict(), cfg.autoencoder)
         report.raise_if_incomplete("export (first stage)")
@@ -345,6 +359,7 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
         _write_json(tmp / vae_dir / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
                                                     **diffusers_vae_config(cfg.autoencoder)})
         sub, cls, to_theirs, _, text_config = _text_converter(cfg)
+        sub = sub if ldm else "text_encoder"  # StableDiffusionPipeline's name, whatever the encoder
         text_sd, report = to_theirs(model.text_encoder.state_dict())
         report.raise_if_incomplete(f"export ({sub})")
         _save(text_sd, tmp / sub / "model.safetensors")

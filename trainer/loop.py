@@ -275,6 +275,7 @@ class TrainLoop:
             if self.ema is not None and self.step > self.cadence.ema_start_step \
                     and self.step % self.cadence.ema_update_every == 0:
                 self.ema.update()
+        self.tracker.advance(self.step)  # the live progress line with its ETA (a terminal only)
         if not self.tracker.is_log_step(self.step):
             return
         engine = self.task.main_engine

@@ -432,6 +432,12 @@ class RunTracker:
                 self._bar.set_postfix_str(f"loss {values['loss']:.4g}", refresh=False)
             self._bar.update(max(0, step - self._bar.n))
 
+    def advance(self, step: int) -> None:
+        """Every optimizer step: the live progress line (steps, rate, ETA) moves on between the log
+        lines, when stderr is a terminal. Reads no tensor, so it costs the step no host sync."""
+        if self._bar is not None:
+            self._bar.update(max(0, step - self._bar.n))
+
     def log_images(self, step: int, key: str, images: torch.Tensor, captions: Sequence[str], *,
                    value_range: Sequence[float] = (-1.0, 1.0)) -> Path | None:
         """Save the batch (N, C, H, W) as one grid <run_dir>/samples/<key>_step<step:07d>.png and log it to
