@@ -40,7 +40,7 @@ CONFIG_GROUPS = {"model", "diffusion", "data", "optim", "deepspeed", "ema", "che
                  "slurm", "precompute", "loss"}
 # The composition root and the commands: the functions that may take the whole run config.
 WHOLE_CONFIG_ALLOWED = {
-    "trainer.train": {"build_task", "_latent_cache_check", "train", "run", "main"},
+    "trainer.train": {"build_task", "_latent_cache_check", "_cached_text", "train", "run", "main"},
     "trainer.config": {"*"},
     "trainer.inference": {"load_for_inference", "train_config_of"},
     "trainer.submit": {"main", "of"},

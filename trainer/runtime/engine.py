@@ -178,9 +178,8 @@ def apply_regional_compile(model: nn.Module, blocks: Sequence[type] = COMPILE_BL
     eagerly. ``compiled_graph_count`` reports the graphs (recompiles included). Returns the number of
     blocks compiled.
     """
-    # Imported here: torch._dynamo is imported only by a run that compiles.
-    import torch._dynamo.config as dynamo_config
-
+    # torch._dynamo loads on first attribute access (seconds): only a run that compiles pays for it.
+    dynamo_config = torch._dynamo.config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, max_graphs_per_block)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
                                                     4 * max_graphs_per_block)
@@ -194,10 +193,8 @@ def apply_regional_compile(model: nn.Module, blocks: Sequence[type] = COMPILE_BL
 
 def compiled_graph_count() -> int:
     """Graphs dynamo has compiled in this process so far (each recompilation adds one)."""
-    # Imported here: torch._dynamo is imported only by a run that compiles.
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+    # torch._dynamo loads on first attribute access: only a run that compiles calls this.
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def apply_channels_last(module: nn.Module) -> nn.Module:
