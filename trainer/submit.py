@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.config import TrainConfig
 from trainer.images import atomic_write_bytes
 from trainer.runtime.lifecycle import SlurmConfig
+from trainer.runtime.tracking import is_secret_key, redact_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = {"train": ROOT / "slurm" / "train.sbatch", "precompute": ROOT / "slurm" / "precompute.sbatch",
@@ -60,8 +61,19 @@ def log_dir(s: SlurmConfig, run: Run) -> Path:
     return Path(s.log_dir).resolve() if s.log_dir else run.run_dir / "slurm"
 
 
+def refuse_secrets(overrides: list[str]) -> None:
+    """A job script is a file others can read: an override holding a credential is refused."""
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if (value and any(is_secret_key(part) for part in key.split("."))) or redact_text(o) != o:
+            raise ValueError(f"the override of {key!r} holds a credential, which the SLURM script would store in "
+                             f"plain text; pass credentials through the job's environment (AWS_ACCESS_KEY_ID / "
+                             f"AWS_SECRET_ACCESS_KEY, an AWS profile: data.s3.profile, WANDB_API_KEY)")
+
+
 def render_script(s: SlurmConfig, run: Run, overrides: list[str]) -> str:
     """The sbatch script of ``s.job``; ``overrides`` are passed to the job's Python entry point."""
+    refuse_secrets(overrides)
     directives = []
     if s.job == "precompute" and not run.precompute_out:
         raise ValueError("slurm.job=precompute needs precompute.out=<cache folder or URL>")
