@@ -42,6 +42,11 @@ class S3Options:
                 raise ValueError(f"data.s3.{key}={getattr(self, key)!r} is invalid; allowed: a float > 0")
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ValueError(f"data.s3.max_attempts={self.max_attempts!r} is invalid; allowed: an int >= 1")
+        if self.endpoint_url and "@" in self.endpoint_url.split("://", 1)[-1]:
+            # (the value itself is not repeated: it holds the credentials)
+            raise ValueError("data.s3.endpoint_url holds credentials (user info before '@'); give only the "
+                             "endpoint (https://host:port) and pass credentials through the AWS environment "
+                             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or a profile (data.s3.profile, ~/.aws)")
 
     def storage_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"anon": self.anon}

@@ -22,10 +22,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.cli import hydra_command
 from trainer.config import TrainConfig
 from trainer.images import atomic_write_bytes
 from trainer.runtime.lifecycle import SlurmConfig
-from trainer.cli import hydra_command
+from trainer.runtime.tracking import is_secret_key, redact_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = {"train": ROOT / "slurm" / "train.sbatch", "precompute": ROOT / "slurm" / "precompute.sbatch",
@@ -69,8 +70,19 @@ def network_lines(s: SlurmConfig) -> str:
     return f"export GLOO_SOCKET_IFNAME={name} NCCL_SOCKET_IFNAME={name}"
 
 
+def refuse_secrets(overrides: list[str]) -> None:
+    """A job script is a file others can read: an override holding a credential is refused."""
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if (value and any(is_secret_key(part) for part in key.split("."))) or redact_text(o) != o:
+            raise ValueError(f"the override of {key!r} holds a credential, which the SLURM script would store in "
+                             f"plain text; pass credentials through the job's environment (AWS_ACCESS_KEY_ID / "
+                             f"AWS_SECRET_ACCESS_KEY, an AWS profile: data.s3.profile, WANDB_API_KEY)")
+
+
 def render_script(s: SlurmConfig, run: Run, overrides: list[str]) -> str:
     """The sbatch script of ``s.job``; ``overrides`` are passed to the job's Python entry point."""
+    refuse_secrets(overrides)
     directives = []
     if s.job == "precompute" and not run.precompute_out:
         raise ValueError("slurm.job=precompute needs precompute.out=<cache folder or URL>")

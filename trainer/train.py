@@ -37,7 +37,7 @@ from trainer.runtime.checkpoint import CheckpointStore, find_resume_point, needs
 from trainer.runtime.device import device_peak_tflops, prepare_process, select_device
 from trainer.runtime.ema import EMA
 from trainer.runtime.engine import initialize
-from trainer.runtime.tracking import RunTracker, new_run_id, redact
+from trainer.runtime.tracking import RedactingFilter, RunTracker, new_run_id, redact
 from trainer.tasks import AutoencoderTask, DiffusionTask, Task, TaskContext
 from trainer.cli import hydra_command
 
@@ -155,11 +155,13 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.addFilter(RedactingFilter())
     root.addHandler(console)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(run_dir / "train.log")
         file_handler.setFormatter(fmt)
+        file_handler.addFilter(RedactingFilter())
         root.addHandler(file_handler)
     root.setLevel(logging.INFO)
     for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "urllib3", "PIL", "fsspec"):

@@ -83,6 +83,29 @@ class CheckpointConfig:
 
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, quota, file size limit...)."""
+
+
+def write_failure_reason(directory: Path, error: BaseException) -> str:
+    """The OS reason of a failed write. torch.save reports a full disk as ``unexpected pos`` from its C++
+    writer without errno, so a small probe write in ``directory`` asks the file system itself."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} (errno {error.errno})"
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as probe_error:
+        return f"{probe_error.strerror} (errno {probe_error.errno}; {type(error).__name__}: {str(error)[:200]})"
+    finally:
+        probe.unlink(missing_ok=True)
+    return f"{type(error).__name__}: {str(error)[:500]}"
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
@@ -195,17 +218,24 @@ class CheckpointStore:
             # Left by a save that was killed before its pointer moved: never pointed to, safe to drop.
             shutil.rmtree(out)
         distributed.barrier()
-        engine.save_checkpoint(str(out.parent), tag=tag, client_state={}, save_latest=False)
-        for name, extra in (extra_engines or {}).items():
-            extra.save_checkpoint(str(out), tag=name, client_state={}, save_latest=False)
-        tensors, meta = rng_state()
-        atomic_save_safetensors(tensors, out / f"rng_rank{self.rank:05d}.safetensors", meta)
-        if self.rank == 0:
-            if ema_state is not None:
-                atomic_save_safetensors(ema_state, out / EMA_FILE)
-            for name, (file_tensors, file_meta) in (extra_files or {}).items():
-                atomic_save_safetensors(file_tensors, out / name, file_meta)
-            atomic_write_bytes(out / STATE_FILE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+        try:
+            engine.save_checkpoint(str(out.parent), tag=tag, client_state={}, save_latest=False)
+            for name, extra in (extra_engines or {}).items():
+                extra.save_checkpoint(str(out), tag=name, client_state={}, save_latest=False)
+            tensors, meta = rng_state()
+            atomic_save_safetensors(tensors, out / f"rng_rank{self.rank:05d}.safetensors", meta)
+            if self.rank == 0:
+                if ema_state is not None:
+                    atomic_save_safetensors(ema_state, out / EMA_FILE)
+                for name, (file_tensors, file_meta) in (extra_files or {}).items():
+                    atomic_save_safetensors(file_tensors, out / name, file_meta)
+                atomic_write_bytes(out / STATE_FILE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+        except (OSError, RuntimeError) as e:
+            # Never pointed to: the previous checkpoint and `latest` stay as they were.
+            shutil.rmtree(out, ignore_errors=True)
+            raise CheckpointWriteError(f"writing checkpoint {tag} (step {state['step']}) to {out} failed: "
+                                       f"{write_failure_reason(out.parent, e)}; the partial {tag} was removed and "
+                                       f"{self.url}/{POINTER} still names the previous checkpoint") from e
         distributed.barrier()
         if self.rank == 0:
             self._commit(tag, out)

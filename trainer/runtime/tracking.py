@@ -131,9 +131,11 @@ def _netrc_has_wandb_login(environ: Mapping[str, str]) -> bool:
 #   3. the name ends in access_key_id (aws_access_key_id).
 # So keep_last, monkey, key_column, token_ids, num_tokens and tokenizer are kept. A None or empty value
 # is kept as is (it reveals nothing and shows that no credential was configured). Independently of
-# keys, string values anywhere are scrubbed of AWS access key ids (AKIA/ASIA + 16), Hugging Face
-# tokens (hf_...), the user:password part of URLs (s3://user:pass@host -> s3://***REDACTED***@host) and
-# copies of the values found under secret keys.
+# keys, string values anywhere are scrubbed (``redact_text``) of AWS access key ids (AKIA/ASIA + 16),
+# Hugging Face tokens (hf_...), the user info of URLs whatever characters it holds
+# (s3://user:pa/ss+w=rd@host -> s3://***REDACTED***@host), the credential parameters of pre-signed
+# URLs (X-Amz-Signature=..., Signature=..., sig=...), the values of secret-named environment variables
+# (AWS_SECRET_ACCESS_KEY, WANDB_API_KEY, ...) and copies of the values found under secret keys.
 _SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "passphrase", "credential",
                            "credentials", "apikey", "auth", "authorization"})
 _HARMLESS_BEFORE = {
@@ -145,16 +147,53 @@ _HARMLESS_BEFORE = {
 }
 # Shorter values under secret keys (a flag, a port) are too likely to occur by chance elsewhere.
 _MIN_ECHO_LEN = 8
+# Query parameters that carry a credential in pre-signed / SAS URLs (AWS SigV2 and V4, GCS, Azure).
+_CREDENTIAL_PARAMS = ("X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "X-Goog-Signature",
+                      "X-Goog-Credential", "Signature", "AWSAccessKeyId", "x-amz-security-token", "sig",
+                      "access_token", "token", "api_key", "apikey", "key", "secret", "password")
 _SECRET_VALUE_PATTERNS = (
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED),
     (re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), REDACTED),
-    (re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]*@"), REDACTED + "@"),
+    # user:password@ up to the last @ of the word: an AWS secret may hold / + = and even @.
+    (re.compile(r"(?<=://)[^\s'\"<>]*?:[^\s'\"<>]*@"), REDACTED + "@"),
+    (re.compile(r"(?<=://)[^\s'\"<>/:@?#]+@"), REDACTED + "@"),  # a bare token as user info
+    (re.compile(r"(?i)([?&;](?:" + "|".join(re.escape(p) for p in _CREDENTIAL_PARAMS) + r")=)[^&\s'\"<>#]*"),
+     r"\1" + REDACTED),
 )
 
 
 def _key_words(name: str) -> list[str]:
     name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)
     return [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+
+
+def _environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of secret-named environment variables (AWS_SECRET_ACCESS_KEY, WANDB_API_KEY, ...), longest first."""
+    environ = os.environ if environ is None else environ
+    return sorted({v for k, v in environ.items() if is_secret_key(k) and len(v) >= _MIN_ECHO_LEN}, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` without credentials (the value patterns above, the values of secret-named environment
+    variables and ``secrets``): the one scrub every writer of the run applies."""
+    for secret in sorted({*secrets, *_environment_secrets()}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    for pattern, replacement in _SECRET_VALUE_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that formats each record's message once and scrubs it with ``redact_text``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 def is_secret_key(name: str) -> bool:
@@ -204,11 +243,7 @@ def redact(config: Mapping) -> dict:
                 collect(v)
 
     def scrub(value: str) -> str:
-        for secret in sorted(secret_values, key=len, reverse=True):
-            value = value.replace(secret, REDACTED)
-        for pattern, replacement in _SECRET_VALUE_PATTERNS:
-            value = pattern.sub(replacement, value)
-        return value
+        return redact_text(value, tuple(secret_values))
 
     def walk(value: Any) -> Any:
         if isinstance(value, Mapping):
@@ -379,6 +414,9 @@ class RunTracker:
             # With no network, wandb-core's error reporting can only fail; setdefault keeps a user's choice.
             os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         cfg = self._cfg
+        # W&B records the command line (sys.argv) in its run file and metadata, which `wandb sync`
+        # uploads; Hydra has parsed it already, so the process keeps only a redacted copy.
+        sys.argv[:] = [redact_text(arg) for arg in sys.argv]
         # dir= is W&B's root_dir: runs go to <run_dir>/wandb/<offline-run|run>-<time>-<id>/, and it
         # overrides WANDB_DIR. finish_previous: a run left open in this process (an earlier tracker that
         # was never finished) is closed instead of being silently returned under another id.
@@ -464,6 +502,7 @@ class RunTracker:
             return
         values = {key: _to_scalar(key, value) if isinstance(value, (torch.Tensor, int, float)) else value
                   for key, value in values.items()}
+        values = redact(values)
         self._summary.update(values)
         atomic_write_bytes(self._summary_path, (json.dumps(self._summary, indent=2, sort_keys=True) + "\n").encode())
         if self._wandb_run is not None:
