@@ -281,3 +281,16 @@ def test_consecutive_nan_steps_stop_the_run(tmp_path: Path) -> None:
     assert "3 consecutive steps had a non-finite loss (train.max_consecutive_nan_steps=3)" in proc.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["finished"] is False and metrics["step"] == 4 and metrics["nan_steps"] == 3
+
+
+def test_resume_check_ignores_keys_that_only_choose_the_starting_weights():
+    from trainer.config import check_compatible, config_fingerprint
+
+    old = {"model": {"name": "tiny", "init_from": None}, "diffusion": {"prediction": "eps"}}
+    state = {"config_fingerprint": config_fingerprint(old), "config": old}
+    # A key added since (model.init_from_ema) or another starting point is still the same model.
+    check_compatible(state, {"model": {"name": "tiny", "init_from": "x.ckpt", "init_from_ema": False},
+                             "diffusion": {"prediction": "eps"}}, allow_change=False)
+    with pytest.raises(ValueError, match=r"diffusion.prediction: 'eps' -> 'v'"):
+        check_compatible(state, {"model": {"name": "tiny", "init_from": None}, "diffusion": {"prediction": "v"}},
+                         allow_change=False)

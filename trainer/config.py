@@ -109,6 +109,8 @@ ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 # Groups whose change makes a checkpoint a different model: resuming across such a change is refused.
 IDENTITY_GROUPS = ("model", "diffusion")
+# Keys of those groups that only choose the weights a run starts from; a resume loads its checkpoint's.
+START_ONLY_KEYS = ("model.init_from", "model.init_from_ema")
 
 
 def config_fingerprint(config: dict) -> str:
@@ -135,5 +137,8 @@ def check_compatible(state: dict[str, Any], config: dict, *, allow_change: bool)
     diffs = []
     for group in IDENTITY_GROUPS:
         diffs += config_differences(state["config"].get(group), config.get(group), group)
+    diffs = [d for d in diffs if d.partition(":")[0] not in START_ONLY_KEYS]
+    if not diffs:  # only keys that choose the starting weights differ (or were added since): same model
+        return
     raise ValueError("the checkpoint to resume was trained with another model/diffusion config:\n  "
                      + "\n  ".join(diffs[:20]) + "\nset checkpoint.allow_config_change=true to load it anyway")
