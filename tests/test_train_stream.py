@@ -91,4 +91,4 @@ def test_a_resized_streamed_run_continues_the_uninterrupted_one_bitwise(tmp_path
     assert all(got[s] == ref[s] for s in range(1, 11)), {s: (got[s], ref[s]) for s in ref}
     want, have = _state(ref_dir)["data"], _state(run_dir)["data"]
     assert have["cursors"] == want["cursors"] and have["units_consumed"] == want["units_consumed"] == 20
-    assert min(sub[0] for c in have["cursors"].values() for sub in c["subs"]) >= 1  # into epoch 1
+    assert max(sub[0] for c in have["cursors"].values() for sub in c["subs"]) >= 1  # across the epoch boundary
