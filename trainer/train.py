@@ -36,6 +36,7 @@ from trainer.runtime.checkpoint import CheckpointStore, find_resume_point, needs
 from trainer.runtime.device import prepare_process, select_device
 from trainer.runtime.ema import EMA
 from trainer.runtime.engine import initialize
+from trainer.runtime.lifecycle import RunDirLock, exit_with_launcher
 from trainer.runtime.tracking import RedactingFilter, RunTracker, new_run_id, redact
 from trainer.tasks import AutoencoderTask, DiffusionTask, Task, TaskContext
 
@@ -152,6 +153,9 @@ def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             env = dataclasses.replace(env, master_port=sock.getsockname()[1])
+    exit_with_launcher()
+    # Before anything is written there (train.log included): one job per run directory.
+    lock = RunDirLock(cfg.run_dir).acquire() if env.rank == 0 else None
     _setup_logging(Path(cfg.run_dir), env.rank)
     device = select_device(cfg.train.device, "train.device", env.local_rank)
     prepare_process(device, cfg.train.num_threads)
@@ -165,6 +169,8 @@ def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
         return train(cfg, config_dict, env, device)
     finally:
         distributed.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
 # An absolute path: the app also runs when trainer.train is imported (a launcher, a test), not only
