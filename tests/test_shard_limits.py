@@ -176,3 +176,17 @@ def test_peak_memory_stays_small_with_huge_members(tmp_path: Path) -> None:
     assert num_samples == 4  # 000 and 002 of both shards
     assert skipped == {"oversized_caption": 2}
     assert peak_mib < 200, f"peak RSS {peak_mib} MiB"
+
+
+def test_inspect_exits_non_zero_when_no_shard_could_be_read(tmp_path: Path, capsys) -> None:
+    from data_pipeline.inspect import main
+
+    for i in range(2):
+        (tmp_path / f"bad{i}.tar").write_bytes(b"not a tar archive" * 64)
+    assert main([str(tmp_path / "bad{0..1}.tar"), "--workers", "1"]) == 1
+    assert "none of the 2 shards could be read" in capsys.readouterr().err
+    good = _write(tmp_path / "good.tar", _sample("000", 0))
+    assert main([good, "--workers", "1"]) == 0
+    big = _write(tmp_path / "big.tar", [*_sample("000", 0, b"y" * 200), *_sample("001", 1)])
+    assert main([big, "--workers", "1", "--max-caption-bytes", "100", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["skipped"] == {"oversized_caption": 1}
