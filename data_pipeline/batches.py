@@ -36,9 +36,11 @@ def latent_cache_manifest(data: DataConfig) -> dict[str, Any]:
 
 
 def build_batches(data: DataConfig, *, micro_batch_size: int, gradient_accumulation: int, rank: int,
-                  world_size: int, pin_memory: bool = False) -> tuple[Batches, Optional[DigitsDatasetInfo]]:
+                  world_size: int, pin_memory: bool = False,
+                  caption_required: bool = True) -> tuple[Batches, Optional[DigitsDatasetInfo]]:
     """The batch source of ``data`` for this rank, and the digits dataset's description when the
-    data is the embedded digits (its classifier scores the demo's samples)."""
+    data is the embedded digits (its classifier scores the demo's samples). ``caption_required=False``
+    (a job that never reads captions) keeps samples whose caption is missing or empty."""
     if data.kind == "digits":
         digits = digits_dataset(data, rank)
         if data.latent_cache:
@@ -48,11 +50,11 @@ def build_batches(data: DataConfig, *, micro_batch_size: int, gradient_accumulat
                      tuple(samples.latents.shape[1:]), data.latent_cache)
         else:
             samples = load_shards([digits.train_url], image_size=data.image_size, image_keys=list(data.image_keys),
-                                  caption_key=data.caption_key)
+                                  caption_key=data.caption_key, caption_required=caption_required)
             log.info("training data: %d samples from %s", len(samples.captions), digits.train_url)
         return InMemoryBatches(samples, data.seed, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
                                gradient_accumulation=gradient_accumulation), digits
-    spec = spec_from_config(data, micro_batch_size)
+    spec = spec_from_config(data, micro_batch_size, caption_required=caption_required)
     log.info("streaming %s", ", ".join(f"{s.name}: {s.num_shards} shards" for s in spec.sources))
     return StreamingBatches(spec, rank=rank, world_size=world_size, gradient_accumulation=gradient_accumulation,
                             num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,

@@ -64,6 +64,7 @@ class StreamSpec:
     latents: bool = False  # the shards are a latent cache (data_pipeline.latents), not images
     limits: MemberLimits = field(default_factory=MemberLimits)
     max_caption_chars: int = 0  # 0 = captions kept whole
+    caption_required: bool = True  # False for jobs that never read captions (task=autoencoder)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -211,7 +212,8 @@ class _Slot:
         rng = np.random.default_rng([spec.seed, ref.position & 0xFFFFFFFF, ref.position >> 32])
         out = decode_sample(ref.parts, image_keys=spec.image_keys, caption_key=spec.caption_key,
                             image_size=spec.image_size, transform=spec.transform, rng=rng,
-                            filters=spec.filters, buckets=spec.buckets, max_caption_chars=spec.max_caption_chars)
+                            filters=spec.filters, buckets=spec.buckets, max_caption_chars=spec.max_caption_chars,
+                            caption_required=spec.caption_required)
         ex = out.example
         return {"bucket": out.bucket, "image": ex.image, "caption": out.caption,
                 "original_size": ex.original_size, "crop_top_left": ex.crop_top_left}
@@ -309,7 +311,7 @@ def member_limits(data: Any) -> MemberLimits:
                         max_member_bytes=data.max_member_bytes)
 
 
-def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
+def spec_from_config(data: Any, batch_size: int, caption_required: bool = True) -> StreamSpec:
     """``StreamSpec`` from the trainer's ``DataConfig`` (``data.*``): URL patterns are expanded here."""
     s3 = data.s3
     extra = dict(data.storage_options or {})
@@ -343,7 +345,7 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
         transform=Transform(crop=data.crop, flip_prob=data.flip_prob, max_pixels=data.max_pixels, draft=data.draft),
         filters=filters, buckets=buckets_of(data), s3=s3, storage_options=tuple(sorted(extra.items())),
         retry=data.retry, latents=bool(data.latent_cache), limits=member_limits(data),
-        max_caption_chars=data.max_caption_chars)
+        max_caption_chars=data.max_caption_chars, caption_required=caption_required)
 
 
 class StreamingBatches:

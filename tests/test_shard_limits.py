@@ -190,3 +190,22 @@ def test_inspect_exits_non_zero_when_no_shard_could_be_read(tmp_path: Path, caps
     big = _write(tmp_path / "big.tar", [*_sample("000", 0, b"y" * 200), *_sample("001", 1)])
     assert main([big, "--workers", "1", "--max-caption-bytes", "100", "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["skipped"] == {"oversized_caption": 1}
+
+
+def test_captions_are_required_only_by_jobs_that_read_them(tmp_path: Path) -> None:
+    url = _write(tmp_path / "c.tar", [*_sample("000", 0), *_sample("001", 1, b"   "), ("002.jpg", _jpeg(2)),
+                                      *_sample("003", 3)])
+    keys = {}
+    for required in (True, False):
+        spec = StreamSpec(sources=(SourceInfo("default", (url,)),), weights=(1.0,), image_size=16, batch_size=1,
+                          shuffle_buffer=0, shuffle_shards=False, caption_required=required)
+        batches = StreamingBatches(spec, rank=0, world_size=1, num_workers=0)
+        try:
+            keys[required] = [batches.next_batch()["keys"][0] for _ in range(4)]
+        finally:
+            batches.close()
+    assert keys[True] == ["000", "003", "000", "003"]  # empty and missing captions skipped
+    assert keys[False] == ["000", "001", "002", "003"]  # an autoencoder job keeps them
+    from trainer.tasks import TASKS
+
+    assert TASKS["autoencoder"].uses_captions is False and TASKS["diffusion"].uses_captions is True

@@ -38,7 +38,7 @@ from trainer.runtime.ema import EMA
 from trainer.runtime.engine import initialize
 from trainer.runtime.lifecycle import RunDirLock, exit_with_launcher
 from trainer.runtime.tracking import RedactingFilter, RunTracker, new_run_id, redact
-from trainer.tasks import AutoencoderTask, DiffusionTask, Task, TaskContext
+from trainer.tasks import TASKS, AutoencoderTask, DiffusionTask, Task, TaskContext
 
 log = logging.getLogger("trainer")
 
@@ -83,7 +83,8 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
         check_compatible(point.state, config_dict, allow_change=cfg.checkpoint.allow_config_change)
     load_universal = point is not None and needs_universal(point.state, env.world_size)
     batches, digits = build_batches(cfg.data, micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation=accum,
-                                    rank=env.rank, world_size=env.world_size, pin_memory=device.type == "cuda")
+                                    rank=env.rank, world_size=env.world_size, pin_memory=device.type == "cuda",
+                                    caption_required=TASKS[cfg.task].uses_captions)
 
     def make_engine(module: nn.Module):
         return initialize(module, {"model": module}, ds=cfg.deepspeed, optim=cfg.optim,
