@@ -56,6 +56,13 @@ def build_batches(data: DataConfig, *, micro_batch_size: int, gradient_accumulat
                                gradient_accumulation=gradient_accumulation), digits
     spec = spec_from_config(data, micro_batch_size, caption_required=caption_required)
     log.info("streaming %s", ", ".join(f"{s.name}: {s.num_shards} shards" for s in spec.sources))
+    if spec.buckets:
+        log.info("aspect buckets (height x width): %s", ", ".join(f"{h}x{w}" for h, w in spec.buckets))
+        if len(spec.buckets) == 1:
+            log.warning("data.buckets.enabled=true gives a single bucket %dx%d (data.image_size=%d, "
+                        "data.buckets.step=%d, data.buckets.max_ratio=%s): every image is cropped square; "
+                        "lower the step or raise max_ratio for buckets of other aspect ratios",
+                        *spec.buckets[0], data.image_size, data.buckets.step, data.buckets.max_ratio)
     return StreamingBatches(spec, rank=rank, world_size=world_size, gradient_accumulation=gradient_accumulation,
                             num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
                             pin_memory=pin_memory), None

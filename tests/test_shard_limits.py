@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import subprocess
 import sys
 import tarfile
@@ -209,3 +210,19 @@ def test_captions_are_required_only_by_jobs_that_read_them(tmp_path: Path) -> No
     from trainer.tasks import TASKS
 
     assert TASKS["autoencoder"].uses_captions is False and TASKS["diffusion"].uses_captions is True
+
+
+def test_bucket_layout_is_logged_and_a_single_bucket_warned(tmp_path: Path, caplog) -> None:
+    from data_pipeline.batches import build_batches
+    from data_pipeline.config import BucketConfig, DataConfig
+
+    url = _write(tmp_path / "b.tar", [*_sample("000", 0), *_sample("001", 1)])
+    for size, step, single in ((64, 64, True), (128, 32, False)):
+        caplog.clear()
+        data = DataConfig(kind="webdataset", urls=[url], image_size=size, num_workers=0,
+                          buckets=BucketConfig(enabled=True, step=step))
+        with caplog.at_level(logging.INFO, logger="data_pipeline.batches"):
+            batches, _ = build_batches(data, micro_batch_size=1, gradient_accumulation=1, rank=0, world_size=1)
+            batches.close()
+        assert "aspect buckets (height x width): " in caplog.text
+        assert ("gives a single bucket 64x64" in caplog.text) is single
