@@ -36,9 +36,11 @@ def latent_cache_manifest(data: DataConfig) -> dict[str, Any]:
 
 
 def build_batches(data: DataConfig, *, micro_batch_size: int, gradient_accumulation: int, rank: int,
-                  world_size: int, pin_memory: bool = False) -> tuple[Batches, Optional[DigitsDatasetInfo]]:
+                  world_size: int, pin_memory: bool = False,
+                  caption_required: bool = True) -> tuple[Batches, Optional[DigitsDatasetInfo]]:
     """The batch source of ``data`` for this rank, and the digits dataset's description when the
-    data is the embedded digits (its classifier scores the demo's samples)."""
+    data is the embedded digits (its classifier scores the demo's samples). ``caption_required=False``
+    (a job that never reads captions) keeps samples whose caption is missing or empty."""
     if data.kind == "digits":
         digits = digits_dataset(data, rank)
         if data.latent_cache:
@@ -48,12 +50,19 @@ def build_batches(data: DataConfig, *, micro_batch_size: int, gradient_accumulat
                      tuple(samples.latents.shape[1:]), data.latent_cache)
         else:
             samples = load_shards([digits.train_url], image_size=data.image_size, image_keys=list(data.image_keys),
-                                  caption_key=data.caption_key)
+                                  caption_key=data.caption_key, caption_required=caption_required)
             log.info("training data: %d samples from %s", len(samples.captions), digits.train_url)
         return InMemoryBatches(samples, data.seed, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
                                gradient_accumulation=gradient_accumulation), digits
-    spec = spec_from_config(data, micro_batch_size)
+    spec = spec_from_config(data, micro_batch_size, caption_required=caption_required)
     log.info("streaming %s", ", ".join(f"{s.name}: {s.num_shards} shards" for s in spec.sources))
+    if spec.buckets:
+        log.info("aspect buckets (height x width): %s", ", ".join(f"{h}x{w}" for h, w in spec.buckets))
+        if len(spec.buckets) == 1:
+            log.warning("data.buckets.enabled=true gives a single bucket %dx%d (data.image_size=%d, "
+                        "data.buckets.step=%d, data.buckets.max_ratio=%s): every image is cropped square; "
+                        "lower the step or raise max_ratio for buckets of other aspect ratios",
+                        *spec.buckets[0], data.image_size, data.buckets.step, data.buckets.max_ratio)
     return StreamingBatches(spec, rank=rank, world_size=world_size, gradient_accumulation=gradient_accumulation,
                             num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
                             pin_memory=pin_memory), None

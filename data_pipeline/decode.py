@@ -103,10 +103,16 @@ def decode_to(data: bytes, target_hw: tuple[int, int], tf: Transform, rng: np.ra
 
 
 def caption_of(parts: dict[str, bytes], caption_key: str, metadata: dict[str, Any] | None,
-               max_chars: int = 0) -> str:
+               max_chars: int = 0, required: bool = True) -> str:
     """The caption from part ``caption_key`` (e.g. ``txt``), or from a JSON field with ``json:<field>``,
     cut to its first ``max_chars`` characters (0: whole) before anything else looks at it: the
-    tokenizer reads only the start, and cleaning (here, and the tokenizer's) costs time per character."""
+    tokenizer reads only the start, and cleaning (here, and the tokenizer's) costs time per character.
+    Not ``required``: a missing, undecodable or empty caption is ``""`` instead of a ``BadSample``."""
+    if not required:
+        try:
+            return caption_of(parts, caption_key, metadata, max_chars)
+        except BadSample:
+            return ""
     if caption_key.startswith("json:"):
         field_name = caption_key[5:]
         if metadata is None or not isinstance(metadata.get(field_name), str):
@@ -186,15 +192,17 @@ class Decoded:
 
 def decode_sample(parts: dict[str, bytes], *, image_keys: Sequence[str], caption_key: str, image_size: int,
                   transform: Transform, rng: np.random.Generator, filters: Filters = Filters(),
-                  buckets: Sequence[tuple[int, int]] = (), max_caption_chars: int = 0) -> Decoded:
+                  buckets: Sequence[tuple[int, int]] = (), max_caption_chars: int = 0,
+                  caption_required: bool = True) -> Decoded:
     """A sample's parts -> its training example, or ``BadSample`` naming why it is skipped. Cheap checks
     (parts, caption, metadata, header size) run before the image is decoded."""
     image_ext = next((k for k in image_keys if k in parts), None)
     if image_ext is None:
         raise BadSample("missing_image", f"parts {sorted(parts)}")
     meta = metadata_of(parts) if filters.needs_metadata or caption_key.startswith("json:") else None
-    caption = caption_of(parts, caption_key, meta, max_caption_chars)
-    filters.check_caption(caption)
+    caption = caption_of(parts, caption_key, meta, max_caption_chars, caption_required)
+    if caption_required:
+        filters.check_caption(caption)
     filters.check_scores(meta)
     data = parts[image_ext]
     bucket = -1

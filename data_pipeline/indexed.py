@@ -64,7 +64,7 @@ def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_opti
 
 
 def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str], caption_key: str,
-                storage_options: dict | None = None) -> Samples:
+                storage_options: dict | None = None, caption_required: bool = True) -> Samples:
     """Read every sample of the shards into memory (center crops); bad samples are skipped and counted
     by reason, with the same reader and decoder as the streaming pipeline."""
     images, captions, keys = [], [], []
@@ -75,7 +75,8 @@ def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str]
     for _, item in read_samples(tasks, storage_options or {}, RetryPolicy(max_retries=2), skipped):
         try:
             out = decode_sample(item.parts, image_keys=image_keys, caption_key=caption_key,
-                                image_size=image_size, transform=transform, rng=rng)
+                                image_size=image_size, transform=transform, rng=rng,
+                                caption_required=caption_required)
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue

@@ -28,6 +28,7 @@ from data_pipeline.position import SKIP_REASONS
 from data_pipeline.shards import MemberLimits, RawSample, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_unique, expand_urls, filesystem, storage_options_for
 from trainer.images import atomic_write_bytes
+from trainer.runtime.tracking import redact_text
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # as data_pipeline.decode.Transform and conf/data/webdataset.yaml
 # --decode decodes at full (or JPEG draft) resolution and then resizes to cover this square; small
@@ -42,9 +43,9 @@ THREE_POINTS = {"min": 0, "median": 50, "max": 100}
 
 
 def redact(text: str) -> str:
-    """``text`` without URL user info (``//user:secret@``) or query strings (presigned signatures)."""
-    text = re.sub(r"(://)[^/@\s'\"]+@", r"\1***@", text)
-    return re.sub(r"(https?://[^\s?'\"]*)\?[^\s'\"]*", r"\1?***", text)
+    """``text`` scrubbed by the run's one redaction (``redact_text``), and without query strings: a
+    report names shards, never their pre-signed parameters."""
+    return re.sub(r"(https?://[^\s?'\"]*)\?[^\s'\"]*", r"\1?***", redact_text(text))
 
 
 @dataclass
@@ -385,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_json_atomic(args.json, report)
     shards = report["shards"]
-    if shards["ok"] + shards["truncated"] == 0:
+    if shards["ok"] == 0 and report["samples"] == 0:
         print(f"error: none of the {shards['count']} shards could be read (see the problems above)", file=sys.stderr)
         return 1
     return 0

@@ -66,6 +66,7 @@ class StreamSpec:
     num_streams: int = 0  # canonical streams at the first start; 0 = that start's ranks x workers
     limits: MemberLimits = field(default_factory=MemberLimits)
     max_caption_chars: int = 0  # 0 = captions kept whole
+    caption_required: bool = True  # False for jobs that never read captions (task=autoencoder)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -312,7 +313,8 @@ class _Stream:
         rng = np.random.default_rng([spec.seed, ref.position & 0xFFFFFFFF, ref.position >> 32])
         out = decode_sample(ref.parts, image_keys=spec.image_keys, caption_key=spec.caption_key,
                             image_size=spec.image_size, transform=spec.transform, rng=rng,
-                            filters=spec.filters, buckets=spec.buckets, max_caption_chars=spec.max_caption_chars)
+                            filters=spec.filters, buckets=spec.buckets, max_caption_chars=spec.max_caption_chars,
+                            caption_required=spec.caption_required)
         ex = out.example
         return {"bucket": (out.bucket,), "image": ex.image, "caption": out.caption,
                 "original_size": ex.original_size, "crop_top_left": ex.crop_top_left}
@@ -418,15 +420,7 @@ def member_limits(data: Any) -> MemberLimits:
                         max_member_bytes=data.max_member_bytes)
 
 
-def member_limits(data: Any) -> MemberLimits:
-    """``MemberLimits`` from ``data.*``: the caption part is ``data.caption_key`` unless it is a JSON field."""
-    caption_ext = "json" if data.caption_key.startswith("json:") else data.caption_key
-    return MemberLimits(image_exts=tuple(data.image_keys), caption_ext=caption_ext,
-                        max_image_bytes=data.max_image_bytes, max_caption_bytes=data.max_caption_bytes,
-                        max_member_bytes=data.max_member_bytes)
-
-
-def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
+def spec_from_config(data: Any, batch_size: int, caption_required: bool = True) -> StreamSpec:
     """``StreamSpec`` from the trainer's ``DataConfig`` (``data.*``): URL patterns are expanded here."""
     s3 = data.s3
     extra = dict(data.storage_options or {})
@@ -459,10 +453,8 @@ def spec_from_config(data: Any, batch_size: int) -> StreamSpec:
         shuffle_shards=data.shuffle_shards, shuffle_buffer=data.shuffle_buffer,
         transform=Transform(crop=data.crop, flip_prob=data.flip_prob, max_pixels=data.max_pixels, draft=data.draft),
         filters=filters, buckets=buckets_of(data), s3=s3, storage_options=tuple(sorted(extra.items())),
-        retry=data.retry, latents=bool(data.latent_cache), num_streams=data.num_streams,
-        limits=member_limits(data), max_caption_chars=data.max_caption_chars)
-
-
+        retry=data.retry, latents=bool(data.latent_cache), num_streams=data.num_streams, limits=member_limits(data),
+        max_caption_chars=data.max_caption_chars, caption_required=caption_required)
 
 
 class StreamingBatches:

@@ -53,3 +53,21 @@ def test_a_failed_write_names_path_step_and_reason_and_keeps_the_previous(tmp_pa
     assert (root / "latest").read_text().strip() == "step00000001"
     assert json.loads((root / "step00000001" / "trainer_state.json").read_text())["step"] == 1
     assert (root / "step00000001" / "mp_rank_00_model_states.pt").stat().st_size > 0
+
+
+def test_a_damaged_safetensors_file_is_named(tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    from trainer.runtime.checkpoint import EMA_FILE, atomic_save_safetensors, load_ema, read_safetensors
+
+    path = tmp_path / EMA_FILE
+    atomic_save_safetensors({"unet.w": torch.ones(64), "unet.b": torch.zeros(8)}, path, {"k": "v"})
+    tensors, meta = read_safetensors(path)
+    assert meta == {"k": "v"} and torch.equal(tensors["unet.w"], torch.ones(64))
+    path.write_bytes(path.read_bytes()[:-40])  # truncated
+    with pytest.raises(ValueError, match=rf"{path} is not a readable safetensors file"):
+        load_ema(tmp_path)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match=str(path)):
+        load_ema(tmp_path)

@@ -128,7 +128,7 @@ def test_unreadable_shard_is_counted_and_secrets_are_not_shown():
     url = "http://user:hunter2@127.0.0.1:1/shards/00000.tar?X-Amz-Signature=deadbeef"
     r = inspect_shards([url], retry=RetryPolicy(max_retries=0))
     assert r["shards"]["unreadable"] == 1 and r["skipped"] == {"unreadable_shard": 1}
-    assert r["shards"]["problems"][0]["url"] == "http://***@127.0.0.1:1/shards/00000.tar?***"
+    assert r["shards"]["problems"][0]["url"] == "http://***REDACTED***@127.0.0.1:1/shards/00000.tar?***"
     text = json.dumps(r)
     assert "hunter2" not in text and "deadbeef" not in text
     assert redact("s3://bucket/a.tar") == "s3://bucket/a.tar"

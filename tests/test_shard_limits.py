@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import subprocess
 import sys
 import tarfile
@@ -177,3 +178,52 @@ def test_peak_memory_stays_small_with_huge_members(tmp_path: Path) -> None:
     assert num_samples == 4  # 000 and 002 of both shards
     assert skipped == {"oversized_caption": 2}
     assert peak_mib < 200, f"peak RSS {peak_mib} MiB"
+
+
+def test_inspect_exits_non_zero_when_no_shard_could_be_read(tmp_path: Path, capsys) -> None:
+    from data_pipeline.inspect import main
+
+    for i in range(2):
+        (tmp_path / f"bad{i}.tar").write_bytes(b"not a tar archive" * 64)
+    assert main([str(tmp_path / "bad{0..1}.tar"), "--workers", "1"]) == 1
+    assert "none of the 2 shards could be read" in capsys.readouterr().err
+    good = _write(tmp_path / "good.tar", _sample("000", 0))
+    assert main([good, "--workers", "1"]) == 0
+    big = _write(tmp_path / "big.tar", [*_sample("000", 0, b"y" * 200), *_sample("001", 1)])
+    assert main([big, "--workers", "1", "--max-caption-bytes", "100", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["skipped"] == {"oversized_caption": 1}
+
+
+def test_captions_are_required_only_by_jobs_that_read_them(tmp_path: Path) -> None:
+    url = _write(tmp_path / "c.tar", [*_sample("000", 0), *_sample("001", 1, b"   "), ("002.jpg", _jpeg(2)),
+                                      *_sample("003", 3)])
+    keys = {}
+    for required in (True, False):
+        spec = StreamSpec(sources=(SourceInfo("default", (url,)),), weights=(1.0,), image_size=16, batch_size=1,
+                          shuffle_buffer=0, shuffle_shards=False, caption_required=required)
+        batches = StreamingBatches(spec, rank=0, world_size=1, num_workers=0)
+        try:
+            keys[required] = [batches.next_batch()["keys"][0] for _ in range(4)]
+        finally:
+            batches.close()
+    assert keys[True] == ["000", "003", "000", "003"]  # empty and missing captions skipped
+    assert keys[False] == ["000", "001", "002", "003"]  # an autoencoder job keeps them
+    from trainer.tasks import TASKS
+
+    assert TASKS["autoencoder"].uses_captions is False and TASKS["diffusion"].uses_captions is True
+
+
+def test_bucket_layout_is_logged_and_a_single_bucket_warned(tmp_path: Path, caplog) -> None:
+    from data_pipeline.batches import build_batches
+    from data_pipeline.config import BucketConfig, DataConfig
+
+    url = _write(tmp_path / "b.tar", [*_sample("000", 0), *_sample("001", 1)])
+    for size, step, single in ((64, 64, True), (128, 32, False)):
+        caplog.clear()
+        data = DataConfig(kind="webdataset", urls=[url], image_size=size, num_workers=0,
+                          buckets=BucketConfig(enabled=True, step=step))
+        with caplog.at_level(logging.INFO, logger="data_pipeline.batches"):
+            batches, _ = build_batches(data, micro_batch_size=1, gradient_accumulation=1, rank=0, world_size=1)
+            batches.close()
+        assert "aspect buckets (height x width): " in caplog.text
+        assert ("gives a single bucket 64x64" in caplog.text) is single

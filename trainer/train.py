@@ -30,6 +30,7 @@ from data_pipeline.batches import build_batches, latent_cache_manifest
 from data_pipeline.latents import cache_spec, check_manifest, check_text_manifest, read_empty_prompt, text_spec
 from data_pipeline.stream import buckets_of, options_of
 from trainer.config import TrainConfig, check_compatible, config_fingerprint
+from trainer.cli import hydra_command
 from trainer.images import atomic_write_bytes
 from trainer.loop import Cadence, RunInfo, RunPaths, TrainLoop
 from trainer.runtime import distributed
@@ -37,9 +38,9 @@ from trainer.runtime.checkpoint import CheckpointStore, find_resume_point, needs
 from trainer.runtime.device import device_peak_tflops, prepare_process, select_device
 from trainer.runtime.ema import EMA
 from trainer.runtime.engine import initialize
+from trainer.runtime.lifecycle import RunDirLock, exit_with_launcher
 from trainer.runtime.tracking import RedactingFilter, RunTracker, new_run_id, redact
-from trainer.tasks import AutoencoderTask, DiffusionTask, Task, TaskContext
-from trainer.cli import hydra_command
+from trainer.tasks import TASKS, AutoencoderTask, DiffusionTask, Task, TaskContext
 
 log = logging.getLogger("trainer")
 
@@ -104,7 +105,8 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
         check_compatible(point.state, config_dict, allow_change=cfg.checkpoint.allow_config_change)
     load_universal = point is not None and needs_universal(point.state, env.world_size)
     batches, digits = build_batches(cfg.data, micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation=accum,
-                                    rank=env.rank, world_size=env.world_size, pin_memory=device.type == "cuda")
+                                    rank=env.rank, world_size=env.world_size, pin_memory=device.type == "cuda",
+                                    caption_required=TASKS[cfg.task].uses_captions)
 
     def make_engine(module: nn.Module):
         return initialize(module, {"model": module}, ds=cfg.deepspeed, optim=cfg.optim,
@@ -177,6 +179,9 @@ def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             env = dataclasses.replace(env, master_port=sock.getsockname()[1])
+    exit_with_launcher()
+    # Before anything is written there (train.log included): one job per run directory.
+    lock = RunDirLock(cfg.run_dir).acquire() if env.rank == 0 else None
     _setup_logging(Path(cfg.run_dir), env.rank)
     device = select_device(cfg.train.device, "train.device", env.local_rank)
     cfg.deepspeed.check_device(device)
@@ -202,6 +207,8 @@ def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
         raise
     finally:
         distributed.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
 # An absolute path: the app also runs when trainer.train is imported (a launcher, a test), not only

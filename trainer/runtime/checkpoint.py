@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from trainer.checks import check_int, invalid
 from trainer.runtime import distributed
@@ -339,19 +339,36 @@ def convert_to_universal(point: ResumePoint, work_dir: Path, *, rank: int, world
     return work_dir, tag
 
 
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a damaged one (truncated, not safetensors, a tensor
+    that cannot be read) raises ``ValueError`` naming the file and, where one is at fault, the key."""
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError / OSError
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                         f"it is damaged or truncated") from None
+    with f:
+        tensors = {}
+        for key in f.keys():
+            try:
+                tensors[key] = f.get_tensor(key)
+            except Exception as e:  # noqa: BLE001 - re-raised naming the file and key
+                raise ValueError(f"{path}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from None
+        return tensors, f.metadata() or {}
+
+
 def load_rng(point_dir: Path, rank: int) -> None:
     path = point_dir / f"rng_rank{rank:05d}.safetensors"
     if not path.exists():
         log.warning("no RNG state for rank %d in %s (resumed on more ranks than saved); seeding fresh",
                     rank, point_dir)
         return
-    with safe_open(str(path), framework="pt") as f:  # tensors and metadata in one read
-        set_rng_state({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    set_rng_state(*read_safetensors(path))
 
 
 def load_ema(point_dir: Path) -> Optional[dict[str, torch.Tensor]]:
     path = point_dir / EMA_FILE
-    return load_file(str(path)) if path.exists() else None
+    return read_safetensors(path)[0] if path.exists() else None
 
 
 # ----------------------------------------------------------------------------- autoencoder.safetensors

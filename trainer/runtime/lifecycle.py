@@ -8,13 +8,18 @@ stops after the same step and writes the same checkpoint.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from trainer.checks import check_int, invalid
@@ -138,3 +143,63 @@ def requeue_slurm_job(max_requeues: int, environ: Mapping[str, str] = os.environ
     log.warning("requeued SLURM job %s (restart %d of at most %d); it resumes from the checkpoint",
                 job_id, restarts + 1, max_requeues)
     return True
+
+
+# ----------------------------------------------------------------------------- process faults
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+LOCK_FILE = ".run.lock"
+
+
+def exit_with_launcher(environ: Mapping[str, str] = os.environ) -> bool:
+    """Under torchrun, ask the kernel for SIGTERM when the launcher dies (Linux ``PR_SET_PDEATHSIG``):
+    torch's elastic agent starts ranks in their own session, so a ``kill -9`` of torchrun would leave
+    them training and checkpointing into a run directory a relaunch also writes to. SIGTERM is the
+    ordinary stop request (checkpoint at the step's end, then exit). Returns whether it was set."""
+    if "TORCHELASTIC_RUN_ID" not in environ or not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); this rank will not notice its launcher dying",
+                    ctypes.get_errno())
+        return False
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+class RunDirLock:
+    """One job per run directory: an exclusive ``flock`` on ``<run_dir>/.run.lock``, held for the life
+    of the process. The kernel drops it when the holder dies however it dies, so a stale lock of a
+    killed job never blocks the next one; the file names the holder for the message."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(f"run directory {self.path.parent} is in use by another job ({holder}); wait for it "
+                               f"to end, stop it, or choose another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -21,12 +21,13 @@ import contextlib
 import importlib
 import os
 from pathlib import Path
-from pickle import UnpicklingError  # only the error the weights-only unpickler raises
 from typing import Iterator
 
 import torch
 
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+# What torch's weights-only unpickler raises on a refused global (the standard library's class).
+REFUSED = torch.serialization.pickle.UnpicklingError
 # The only non-tensor, non-container types DeepSpeed 0.19's checkpoints hold, found with
 # torch.serialization.get_unsafe_globals_in_checkpoint on real ZeRO 0-3 checkpoints, fp32 and bf16
 # (the ZeRO stage, the loss scaler of the optimizer wrapper, the bf16 optimizer's fragment map);
@@ -85,7 +86,7 @@ def weights_only_loads() -> Iterator[None]:
     try:
         with torch.serialization.safe_globals(_allowed_objects()):
             yield
-    except UnpicklingError as e:
+    except REFUSED as e:
         raise UnsafeCheckpointError(f"a checkpoint file was refused by the weights-only unpickler: "
                                     f"{str(e).splitlines()[0]}") from None
     finally:

@@ -72,6 +72,7 @@ def latent_scale(latents_sum: float, latents_sq_sum: float, count: int) -> float
 
 class AutoencoderTask(Task):
     evaluates_at_end = True  # the last reconstructions
+    uses_captions = False  # images only: an empty or missing caption does not cost the sample
 
     def __init__(self, ctx: TaskContext, *, autoencoder: AutoencoderConfig, loss: AutoencoderLossConfig) -> None:
         if ctx.load_universal:

@@ -72,6 +72,7 @@ class Task(abc.ABC):
     engines: dict[str, tuple[Any, Any]]
     summary: str = ""  # a line for the log: what is trained
     evaluates_at_end: bool = False  # evaluate once more after the last step
+    uses_captions: bool = True  # False: samples without a caption are kept (the data skips them otherwise)
 
     @property
     def main_engine(self):
