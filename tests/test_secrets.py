@@ -83,7 +83,7 @@ def test_a_run_with_planted_credentials_writes_none_of_them(tmp_path: Path, monk
     run_dir = tmp_path / "run"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
     overrides = [
-        f"+data.storage_options.secret={SECRET}",
+        f"+data.storage_options.secret='{SECRET}'",
         f"data.urls=['s3://AKID:{SECRET}@store.example.com/b/x.tar',"
         f"'https://b.s3.amazonaws.com/x.tar?X-Amz-Credential={CREDENTIAL}&X-Amz-Signature={SIGNATURE}']",
         "train.max_steps=1", "checkpoint.interval_steps=1",
@@ -96,3 +96,14 @@ def test_a_run_with_planted_credentials_writes_none_of_them(tmp_path: Path, monk
         leaked = [s for s in (SECRET, *PARTS, SIGNATURE, CREDENTIAL, ENV_SECRET) if s.encode() in data]
         assert not leaked, f"{path.relative_to(run_dir)} holds {leaked}"
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == ENV_SECRET
+
+
+def test_the_command_line_given_to_wandb_is_redacted() -> None:
+    from trainer.runtime.tracking import redact_argv
+
+    config = {"data": {"storage_options": {"secret": SECRET}, "note": "x"}}
+    argv = ["trainer/train.py", f"+data.storage_options.secret='{SECRET}'", f"data.note={SECRET}x",
+            f"data.urls=['s3://k:{SECRET}@h/b.tar']", "train.max_steps=1"]
+    out = redact_argv(argv, config)
+    assert not _leaks(" ".join(out)), out
+    assert out[0] == "trainer/train.py" and out[-1] == "train.max_steps=1"

@@ -259,6 +259,32 @@ def redact(config: Mapping) -> dict:
     return walk(config)
 
 
+def redact_argv(argv: Sequence[str], config: Mapping) -> list[str]:
+    """A command line without credentials: ``key=value`` overrides of secret-named keys lose their
+    value, and every argument is scrubbed with ``redact_text`` and the secret values of ``config``."""
+    values = {str(s) for k, v in _secret_items(config) for s in _values(v) if s is not None and len(str(s)) >= _MIN_ECHO_LEN}
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and value and any(is_secret_key(part) for part in key.lstrip("+~").split(".")):
+            arg = f"{key}={REDACTED}"
+        out.append(redact_text(arg, tuple(values)))
+    return out
+
+
+def _secret_items(value: Any):
+    """(key, value) of every secret-named key in a nested config."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if isinstance(k, str) and is_secret_key(k):
+                yield k, v
+            else:
+                yield from _secret_items(v)
+    elif _is_container(value):
+        for v in value:
+            yield from _secret_items(v)
+
+
 def new_run_id() -> str:
     """8 random lower-case alphanumeric characters, the form of W&B's generated run ids."""
     alphabet = string.ascii_lowercase + string.digits
@@ -416,7 +442,7 @@ class RunTracker:
         cfg = self._cfg
         # W&B records the command line (sys.argv) in its run file and metadata, which `wandb sync`
         # uploads; Hydra has parsed it already, so the process keeps only a redacted copy.
-        sys.argv[:] = [redact_text(arg) for arg in sys.argv]
+        sys.argv[:] = redact_argv(sys.argv, config)
         # dir= is W&B's root_dir: runs go to <run_dir>/wandb/<offline-run|run>-<time>-<id>/, and it
         # overrides WANDB_DIR. finish_previous: a run left open in this process (an earlier tracker that
         # was never finished) is closed instead of being silently returned under another id.
