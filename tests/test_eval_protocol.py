@@ -308,16 +308,17 @@ def test_eval_run_watch_evaluates_missing_results_and_stops_when_the_run_is_fini
 
 def test_a_failing_evaluation_is_reported_and_training_goes_on(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    # 17 px: the tiny UNet (one downsampling) needs sides divisible by 2, so sampling raises.
-    th.run(run_dir, ["train.max_steps=4", "eval.kind=digits", "eval.samples_per_prompt=1", "eval.num_steps=2",
-                     "eval.interval_steps=2", "eval.resolution=17", f"eval.reference_cache={tmp_path / 'cache'}"])
+    # More sampling steps than the schedule's 1000 timesteps: the sampler raises when the evaluation runs.
+    # (An eval.resolution the UNet cannot halve, this test's earlier trigger, is now refused before training.)
+    th.run(run_dir, ["train.max_steps=4", "eval.kind=digits", "eval.samples_per_prompt=1", "eval.num_steps=5000",
+                     "eval.interval_steps=2", f"eval.reference_cache={tmp_path / 'cache'}"])
     assert sorted(th.losses(run_dir)) == [1, 2, 3, 4] and th.latest(run_dir) == "step00000004"
     log = (run_dir / "train.log").read_text()
     for step in (2, 4):
         assert f"evaluation at step {step} failed; training continues" in log
     summary = _read(run_dir / "metrics.json")
     assert summary["finished"] is True and summary["step"] == 4
-    assert "divisible by 2" in summary["eval_error"] and summary["eval_error"].startswith("rank 0: ValueError")
+    assert "num_train_timesteps=1000" in summary["eval_error"] and summary["eval_error"].startswith("rank 0: ValueError")
     assert "eval_fid" not in summary
     failed = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line).get("eval/failed") == 1]
