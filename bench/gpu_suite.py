@@ -55,7 +55,6 @@ class Case:
 
 
 def cases(small: bool) -> list[Case]:
-    sd_text = TextEncoderConfig(kind="ldm_bert", trainable=False, width=768)  # only its shape matters here
     if small:  # the same code paths at a size any CPU runs in seconds
         unet = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1, 2], num_heads=4,
                     norm_num_groups=8)
