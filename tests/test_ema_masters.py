@@ -77,6 +77,10 @@ PROBE = textwrap.dedent("""
         out[stage]["roundtrip"] = all(torch.equal(again[n], state[n]) for n in names)
     if rank == 0:
         json.dump(out, open(sys.argv[1], "w"))
+    # Tear the group down before exit: a gloo rank exiting with live communicator threads aborts
+    # ("terminate called without an active exception", SIGABRT) and fails the run after the fact.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """)
 
 
