@@ -37,7 +37,7 @@ from data_pipeline.decode import BadSample, Transform, decode_sample, metadata_o
 from data_pipeline.latents import (EMPTY_PROMPT, FORMAT_VERSION, MANIFEST, cache_spec, encode_sample_parts,
                                    TEXT_MEMBER, encode_text_part, read_json, text_spec)
 from data_pipeline.shards import ShardTask, read_samples
-from data_pipeline.sources import expand_urls
+from data_pipeline.sources import expand_urls, install_s3_defaults
 from data_pipeline.stream import buckets_of, member_limits, options_of, spec_from_config
 from data_pipeline.writer import ShardWriter
 from trainer.cli import hydra_command, run_cli
@@ -153,6 +153,7 @@ def run_precompute(cfg: TrainConfig) -> dict[str, Any] | None:
     pre = cfg.precompute
     if not pre.out:
         raise ValueError("precompute.out is not set: give the cache folder or URL (precompute.out=<...>)")
+    install_s3_defaults(cfg.data.s3)  # the first stage's checkpoint and the cache reach the data's store too
     index, count = worker_slot()
     urls = source_urls(cfg.data, detect_env().rank)
     names = _names(urls)

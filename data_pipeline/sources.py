@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import braceexpand
 import fsspec
+import fsspec.config
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,14 @@ class S3Options:
         opts["config_kwargs"] = {"connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
                                  "retries": {"max_attempts": self.max_attempts, "mode": "standard"}}
         return opts
+
+
+def install_s3_defaults(s3: S3Options) -> None:
+    """Make ``s3`` the defaults of every S3 filesystem this process (and its forked workers) opens,
+    through fsspec's per-protocol defaults (``fsspec.config.conf``): checkpoints, caches, reference
+    shards and outputs then reach the same store as the training data, not only the shards that are
+    opened with explicit options. Options given explicitly still win."""
+    fsspec.config.conf["s3"] = s3.storage_options()
 
 
 def protocol_of(url: str) -> str:

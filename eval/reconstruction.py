@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -41,7 +41,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from safetensors.torch import load as load_bytes
 
-from data_pipeline.sources import RetryPolicy, check_readable, expand_urls, protocol_of, storage_options_for
+from data_pipeline.sources import (RetryPolicy, S3Options, check_readable, expand_urls, install_s3_defaults, protocol_of,
+                                   storage_options_for)
 from eval.features import build_feature_extractor, sha256_file
 from eval.image_metrics import psnr, ssim
 from eval.metrics import frechet_distance
@@ -83,6 +84,9 @@ class ReconstructionConfig:
     out: Optional[str] = None  # the JSON; default <tag>/reconstruction.json beside the checkpoint file
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     overwrite: bool = False
+    # s3:// settings (endpoint, profile, anon, region, timeouts) of everything this command reads and
+    # writes, as data.s3 in training; credentials only from the AWS environment or a profile.
+    s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
         for key in ("checkpoint", "data"):
@@ -248,10 +252,10 @@ def load_autoencoder(url: str, cfg: Any, device: torch.device) -> torch.nn.Modul
 # ----------------------------------------------------------------------------- data
 
 
-def shard_urls(data: str) -> list[str]:
+def shard_urls(data: str, s3: Optional[S3Options] = None) -> list[str]:
     """The shard URLs of ``data``; each must exist (local) or the first must be readable (remote)."""
     try:
-        urls = expand_urls(data)
+        urls = expand_urls(data, s3=s3)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"data={data!r}: {e}") from None
     if not urls:
@@ -263,7 +267,7 @@ def shard_urls(data: str) -> list[str]:
                                     f"{missing[:3]}")
     else:
         try:
-            check_readable(urls[0], storage_options_for(urls[0], None, None), RetryPolicy(), f"data={data!r}")
+            check_readable(urls[0], storage_options_for(urls[0], s3, None), RetryPolicy(), f"data={data!r}")
         except (PermissionError, RuntimeError) as e:
             raise ValueError(str(e)) from None
     return urls
@@ -314,6 +318,7 @@ def _check_file(key: str, value: Optional[str]) -> None:
 
 def evaluate(cfg: ReconstructionConfig) -> dict[str, Any]:
     """Run the evaluation of ``cfg``, write the JSON and return it (with ``out`` added)."""
+    install_s3_defaults(cfg.s3)
     # Everything a user can get wrong is checked before the networks are built.
     file_url = resolve_autoencoder_file(cfg.checkpoint)
     meta = read_autoencoder_metadata(file_url)
@@ -323,7 +328,7 @@ def evaluate(cfg: ReconstructionConfig) -> dict[str, Any]:
         raise invalid("resolution", cfg.resolution, f"a multiple of the autoencoder's downsample factor "
                    f"{ae_cfg.downsample_factor}, >= {MIN_SSIM_SIZE} (SSIM's window), or 0 for the autoencoder's "
                    f"{ae_cfg.resolution}")
-    urls = shard_urls(cfg.data)
+    urls = shard_urls(cfg.data, cfg.s3)
     used_files = {"inception_weights": cfg.features == "inception", "digit_classifier": cfg.features == "digits",
                   "lpips_backbone": True}
     for key, used in used_files.items():

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.demo_digits import read_digits_manifest
+from data_pipeline.sources import S3Options, install_s3_defaults
 from eval.config import EvalConfig
 from eval.protocol import (build_scorers, format_table, load_reference, protocol_prompts, results_record,
                            run_protocol, sampler_fn, write_record)
@@ -57,6 +58,9 @@ class EvalRunConfig:
     idle_timeout_s: float = 0.0
     overwrite: bool = False  # evaluate tags that already have results again
     device: str = "auto"
+    # s3:// settings (endpoint, profile, anon, region, timeouts) of everything this command reads and
+    # writes, as data.s3 in training; credentials only from the AWS environment or a profile.
+    s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
         if self.checkpoint in ("???", "", None):
@@ -165,6 +169,7 @@ def _exists(url: str) -> bool:
 def run(args: EvalRunConfig) -> list[dict[str, Any]]:
     """Evaluate ``args.checkpoint`` (or, with ``watch``, each checkpoint of its root as it appears);
     returns the results records (rank 0)."""
+    install_s3_defaults(args.s3)
     env = distributed.detect_env()
     if env.world_size > 1:
         distributed.init_process_group(env)

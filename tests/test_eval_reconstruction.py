@@ -271,3 +271,30 @@ def test_checkpoint_forms_resolve_to_the_file(run_dir):
         assert resolve_autoencoder_file(str(form)) == str(file)
     with pytest.raises(FileNotFoundError, match="checkpoint="):
         resolve_autoencoder_file(str(run_dir / "nowhere"))
+
+
+def test_checkpoint_data_and_output_in_s3_reach_the_store_of_the_s3_settings(run_dir, digits, tmp_path, s3_server):
+    """Issue 19 item 11: ``s3.*`` (as ``data.s3`` in training) takes every s3:// URL of the command to the
+    store, with no AWS_ENDPOINT_URL in the environment: the same figures as the local run."""
+    from s3_server import make_bucket, s3_storage_options, upload_tree
+
+    make_bucket(s3_server.endpoint_url, "evals")
+    options = s3_storage_options(s3_server.endpoint_url)
+    upload_tree(run_dir, "s3://evals/ae", options)
+    upload_tree(digits.out_dir, "s3://evals/digits", options)
+    args = ["num_images=24", "features=digits", f"digit_classifier={digits.classifier_path}", "device=cpu"]
+    local = tmp_path / "local.json"
+    _cli(f"checkpoint={run_dir}", f"data={digits.val_url}", f"out={local}", *args)
+    env = {k: v for k, v in train_env().items() if k != "AWS_ENDPOINT_URL"}
+    proc = subprocess.run([sys.executable, "-m", "eval.reconstruction", "checkpoint=s3://evals/ae",
+                           f"data=s3://evals/digits/{digits.val_shards[0]}", "out=s3://evals/out/reconstruction.json",
+                           f"s3.endpoint_url={s3_server.endpoint_url}", "s3.max_attempts=1", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import s3fs
+
+    remote = json.loads(s3fs.S3FileSystem(**options, skip_instance_cache=True).cat_file("evals/out/reconstruction.json"))
+    mine = json.loads(local.read_text())
+    assert remote["checkpoint"] == f"s3://evals/ae/checkpoints/{TAG}/{AUTOENCODER_FILE}"
+    for key in ("num_images", "psnr", "ssim", "rfid"):
+        assert remote[key] == mine[key], key

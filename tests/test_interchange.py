@@ -82,6 +82,31 @@ def test_sample_from_a_checkpoint_in_s3(trained: Path, tmp_path: Path, s3_server
     assert np.array_equal(_png(local / "00000.png"), _png(remote / "00000.png"))
 
 
+def test_sample_and_export_take_the_s3_settings(trained: Path, tmp_path: Path, s3_server) -> None:
+    """``s3.endpoint_url`` (as ``data.s3`` in training) reaches the store; no AWS_ENDPOINT_URL is set."""
+    import os
+
+    from s3_server import make_bucket, s3_storage_options, upload_tree
+
+    make_bucket(s3_server.endpoint_url, "runs3")
+    upload_tree(trained / "checkpoints", "s3://runs3/tiny/checkpoints", s3_storage_options(s3_server.endpoint_url))
+    env = {**{k: v for k, v in train_env().items() if k != "AWS_ENDPOINT_URL"},
+           **{k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
+    settings = [f"s3.endpoint_url={s3_server.endpoint_url}", "s3.max_attempts=1"]
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    for checkpoint, out, extra in ((trained, local, []), ("s3://runs3/tiny/checkpoints", remote, settings)):
+        proc = subprocess.run([sys.executable, "-m", "trainer.sample", f"checkpoint={checkpoint}", "prompt=a two",
+                               "n=1", "steps=3", f"out={out}", *extra], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.array_equal(_png(local / "00000.png"), _png(remote / "00000.png"))
+    proc = subprocess.run([sys.executable, "-m", "trainer.export", "checkpoint=s3://runs3/tiny/checkpoints",
+                           f"out={tmp_path / 'exported'}", "format=safetensors", *settings], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any((tmp_path / "exported").iterdir())
+
+
 def test_bad_prompt_lists_fail_before_anything_is_written(trained: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\n   \na bird\n\n")

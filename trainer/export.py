@@ -10,12 +10,13 @@ temporary name and renamed when complete.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from data_pipeline.sources import S3Options, install_s3_defaults
 from trainer.cli import CLI_CONF_DIR, hydra_command, run_cli
 from trainer.inference import load_for_inference
 from trainer.interchange import export_diffusers, export_safetensors
@@ -30,6 +31,9 @@ class ExportConfig:
     format: str = "diffusers"
     use_ema: bool = True
     overwrite: bool = False
+    # s3:// settings (endpoint, profile, anon, region, timeouts) of everything this command reads and
+    # writes, as data.s3 in training; credentials only from the AWS environment or a profile.
+    s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -40,6 +44,7 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 def export(cfg: ExportConfig):
+    install_s3_defaults(cfg.s3)
     model = load_for_inference(cfg.checkpoint, use_ema=cfg.use_ema)
     write = export_diffusers if cfg.format == "diffusers" else export_safetensors
     return write(model, cfg.out, overwrite=cfg.overwrite)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +19,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from data_pipeline.sources import S3Options, install_s3_defaults
 from trainer.cli import CLI_CONF_DIR, hydra_command, run_cli
 from trainer.images import atomic_write_bytes, make_grid, save_png, to_uint8
 from trainer.inference import load_for_inference
@@ -45,6 +46,9 @@ class SampleConfig:
     use_ema: bool = True
     device: str = "cpu"
     overwrite: bool = False
+    # s3:// settings (endpoint, profile, anon, region, timeouts) of everything this command reads and
+    # writes, as data.s3 in training; credentials only from the AWS environment or a profile.
+    s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.prompts_file is None):
@@ -86,6 +90,7 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
 def sample(cfg: SampleConfig) -> Path:
     """Draw the images and write them; returns the output folder."""
     prompts = read_prompts(cfg)  # bad input fails before the model is loaded
+    install_s3_defaults(cfg.s3)
     out = Path(cfg.out)
     if (out / "samples.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"out={cfg.out!r} already holds samples.json; choose another folder or overwrite=true")

@@ -28,6 +28,7 @@ from torch import nn
 
 from data_pipeline.batches import build_batches, latent_cache_manifest
 from data_pipeline.latents import cache_spec, check_manifest, check_text_manifest, read_empty_prompt, text_spec
+from data_pipeline.sources import install_s3_defaults
 from data_pipeline.stream import buckets_of, options_of
 from trainer.config import TrainConfig, check_compatible, config_fingerprint
 from trainer.cli import hydra_command
@@ -180,6 +181,7 @@ def run(cfg: TrainConfig, config_dict: dict[str, Any]) -> int:
             sock.bind(("127.0.0.1", 0))
             env = dataclasses.replace(env, master_port=sock.getsockname()[1])
     exit_with_launcher()
+    install_s3_defaults(cfg.data.s3)  # checkpoints and caches on S3 reach the data's store too
     # Before anything is written there (train.log included): one job per run directory.
     lock = RunDirLock(cfg.run_dir).acquire() if env.rank == 0 else None
     _setup_logging(Path(cfg.run_dir), env.rank)
