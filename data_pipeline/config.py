@@ -14,6 +14,7 @@ from trainer.runtime.device import DEVICES
 
 DATA_KINDS = ("digits", "webdataset")
 DATA_MODES = ("epoch", "resampled")
+EXACT_EPOCHS = ("auto", "true", "false")
 CROPS = ("center", "random")
 
 
@@ -83,6 +84,12 @@ class DataConfig:
     # start's ranks x max(num_workers, 1) x the first of 12, 6, 4, 3, 2, 1 that the smallest source's
     # shard count allows (room to grow the job later).
     num_streams: int = 0
+    # Epochs exact in the global order for small sources: every reader reads the whole source (at most
+    # data.shuffle_buffer raw samples, held in memory once per reader) and epoch e is one seeded
+    # permutation of its usable samples, so all of them come once before any of epoch e + 1, whatever
+    # the shards' sizes and the layout. auto: on when the source has fewer shards than canonical streams
+    # (which shard-per-stream reading cannot serve). One source, data.mode=epoch, no aspect buckets.
+    exact_epochs: str = "auto"  # auto | true | false; fixed at the first start with the position
     num_workers: int = 2  # dataloader workers per rank
     prefetch_factor: int = 2
     crop: str = "center"  # center | random
@@ -136,6 +143,9 @@ class DataConfig:
             raise invalid("data.mode", self.mode, f"one of {DATA_MODES}")
         check_int("data.shuffle_buffer", self.shuffle_buffer, 0)
         check_int("data.num_streams", self.num_streams, 0)
+        self.exact_epochs = str(self.exact_epochs).lower()
+        if self.exact_epochs not in EXACT_EPOCHS:
+            raise invalid("data.exact_epochs", self.exact_epochs, f"one of {EXACT_EPOCHS}")
         check_int("data.num_workers", self.num_workers, 0)
         check_int("data.prefetch_factor", self.prefetch_factor, 1)
         if self.crop not in CROPS:
@@ -146,6 +156,14 @@ class DataConfig:
         for key in ("max_image_bytes", "max_caption_bytes", "max_member_bytes"):
             check_int(f"data.{key}", getattr(self, key), 1)
         check_int("data.max_caption_chars", self.max_caption_chars, 0)
+        if self.exact_epochs == "true":
+            why = ("data.mode=resampled has no epochs" if self.mode != "epoch" else
+                   "it serves one source (data.sources has several)" if len(self.sources) > 1 else
+                   "aspect buckets are not supported with it yet (data.buckets.enabled=true)" if self.buckets.enabled
+                   else "it holds the source in the shuffle buffer: data.shuffle_buffer must be > 1"
+                   if self.shuffle_buffer <= 1 else "")
+            if why:
+                raise invalid("data.exact_epochs", self.exact_epochs, f"auto or false: {why}")
         if self.buckets.enabled and self.image_size % self.buckets.step:
             raise invalid("data.image_size", self.image_size, f"a multiple of data.buckets.step={self.buckets.step} "
                        "when bucketing")

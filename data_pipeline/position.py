@@ -38,6 +38,18 @@ is that epoch's share of them). Streams do not wait for each other, so the epoch
 streams meet where their shares' sizes meet: when a source's shards hold equal numbers of usable
 samples and their count is a multiple of ``K``, global samples ``[e * N, (e + 1) * N)`` are exactly
 epoch ``e``; otherwise a stream with a smaller share starts its next epoch earlier.
+
+Exact epochs (``data.exact_epochs``, for small sources). Exactness across streams needs every
+rank's share of each epoch to be the same number of units, which shard-per-stream reading cannot
+promise without knowing every shard's usable count. So for a small source every canonical stream
+reads the whole of it instead (once per reader process, at most ``data.shuffle_buffer`` raw samples,
+in shard order), with each sample's usability; epoch ``e`` is the permutation seeded by
+``(seed, source, e)`` of the usable samples, the global sample sequence is epoch 0's, then epoch
+1's, ..., and global unit ``u`` is its samples ``[u * B, (u + 1) * B)``, from stream ``u % K`` (the
+same interleave and readers as above). A stream's cursor is the number of units it handed out; the
+unit holding an epoch's first sample reports that epoch's bad samples and damaged shards, so each is
+counted once per epoch job-wide, on any layout. A shard some reader cannot read at all would make
+readers disagree on the order, so in this mode it fails the run instead of being skipped.
 """
 
 from __future__ import annotations
@@ -198,6 +210,7 @@ class Position:
         self.sources = list(sources)
         self.seed, self.mode = seed, mode
         self.num_streams, self.unit_size, self.window = num_streams, unit_size, window
+        self.exact_epochs = False  # whole-source streams (see "Exact epochs" above), fixed at the first start
         self.units_consumed = 0  # global units [0, units_consumed) are consumed job-wide
         self.cursors = [StreamCursor.fresh(len(self.sources)) for _ in range(num_streams)]
         self.base_skipped: Counter = Counter()  # counted before this session (from the checkpoint)
@@ -224,7 +237,7 @@ class Position:
         streams = range(self.num_streams) if owned is None else owned
         return {"kind": "stream", "version": STATE_VERSION, "mode": self.mode, "seed": self.seed,
                 "num_streams": self.num_streams, "unit_size": self.unit_size, "window": self.window,
-                "units_consumed": self.units_consumed,
+                "units_consumed": self.units_consumed, **({"exact_epochs": True} if self.exact_epochs else {}),
                 "sources": {info.name: {"num_shards": info.num_shards, "urls_sha256": info.fingerprint}
                             for info in self.sources},
                 "cursors": {str(k): self.cursors[k].to_state() for k in streams},
@@ -262,6 +275,7 @@ class Position:
     def load_state(self, state: dict[str, Any]) -> None:
         self.check_state(state)
         self.num_streams, self.window = int(state["num_streams"]), int(state["window"])
+        self.exact_epochs = bool(state.get("exact_epochs", False))
         self.units_consumed = int(state["units_consumed"])
         self.cursors = [StreamCursor.from_state(state["cursors"][str(k)]) for k in range(self.num_streams)]
         self.base_skipped = Counter(state["skipped"])

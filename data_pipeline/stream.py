@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -25,8 +25,8 @@ import torch
 
 from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
 from data_pipeline.latents import cache_shard_urls, decode_sample_parts, decode_text_part
-from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, Position, SourceInfo, StreamCursor, SubCursor,
-                                    default_streams, layouts_for, window_for, source_choices, stream_shards, window_order)
+from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, STREAMS_PER_READER, Position, SourceInfo,
+                                    StreamCursor, SubCursor, default_streams, layouts_for, window_for, source_choices, stream_shards, window_order)
 from data_pipeline.shards import MemberLimits, RawSample, ShardEnd, ShardTask, read_shard
 from data_pipeline.sources import RetryPolicy, S3Options, check_readable, expand_urls, storage_options_for
 from trainer.runtime import distributed
@@ -67,10 +67,17 @@ class StreamSpec:
     limits: MemberLimits = field(default_factory=MemberLimits)
     max_caption_chars: int = 0  # 0 = captions kept whole
     caption_required: bool = True  # False for jobs that never read captions (task=autoencoder)
+    exact_epochs: str = "auto"  # auto | true | false (position module docstring, "Exact epochs")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"data.mode={self.mode!r}: expected one of {MODES}")
+        if self.exact_epochs not in ("auto", "true", "false"):
+            raise ValueError(f"data.exact_epochs={self.exact_epochs!r}: expected auto, true or false")
+        if self.exact_epochs == "true" and not self.whole_source_possible():
+            raise ValueError("data.exact_epochs=true needs data.mode=epoch, one source, no aspect buckets and "
+                             f"data.shuffle_buffer > 1 (got mode={self.mode!r}, {len(self.sources)} sources, "
+                             f"{len(self.buckets)} buckets, shuffle_buffer={self.shuffle_buffer})")
         if len(self.weights) != len(self.sources) or any(not w > 0 for w in self.weights):
             raise ValueError(f"data.sources weights {self.weights}: expected one float > 0 per source")
         if self.num_streams < 0:
@@ -78,6 +85,9 @@ class StreamSpec:
 
     def options_for(self, url: str) -> dict[str, Any]:
         return storage_options_for(url, self.s3, dict(self.storage_options))
+
+    def whole_source_possible(self) -> bool:
+        return self.mode == "epoch" and len(self.sources) == 1 and not self.buckets and self.shuffle_buffer > 1
 
 
 def sample_position(*identity: int) -> int:
@@ -309,25 +319,139 @@ class _Stream:
             f"and the filters")
 
     def _image_example(self, ref: _Ref) -> dict[str, Any]:
-        spec = self.spec
-        rng = np.random.default_rng([spec.seed, ref.position & 0xFFFFFFFF, ref.position >> 32])
-        out = decode_sample(ref.parts, image_keys=spec.image_keys, caption_key=spec.caption_key,
-                            image_size=spec.image_size, transform=spec.transform, rng=rng,
-                            filters=spec.filters, buckets=spec.buckets, max_caption_chars=spec.max_caption_chars,
-                            caption_required=spec.caption_required)
-        ex = out.example
-        return {"bucket": (out.bucket,), "image": ex.image, "caption": out.caption,
-                "original_size": ex.original_size, "crop_top_left": ex.crop_top_left}
+        return image_example(self.spec, ref)
 
     def _cached_example(self, ref: _Ref) -> dict[str, Any]:
-        """A latent-cache sample (``data_pipeline.latents``): the posterior instead of pixels."""
-        meta = metadata_of(ref.parts) or {}
-        caption = caption_of(ref.parts, self.spec.caption_key, meta, self.spec.max_caption_chars)
-        mean, logvar = decode_sample_parts(ref.parts)
-        return {"bucket": tuple(mean.shape), "latent_mean": mean, "latent_logvar": logvar, "caption": caption,
-                "text_context": decode_text_part(ref.parts),
-                "original_size": tuple(meta.get("original_size", (0, 0))),
-                "crop_top_left": tuple(meta.get("crop_top_left", (0, 0)))}
+        return cached_example(self.spec, ref)
+
+
+def image_example(spec: StreamSpec, ref: _Ref) -> dict[str, Any]:
+    """An image sample decoded, cropped and flipped by draws keyed by its position (raises BadSample)."""
+    rng = np.random.default_rng([spec.seed, ref.position & 0xFFFFFFFF, ref.position >> 32])
+    out = decode_sample(ref.parts, image_keys=spec.image_keys, caption_key=spec.caption_key,
+                        image_size=spec.image_size, transform=spec.transform, rng=rng,
+                        filters=spec.filters, buckets=spec.buckets, max_caption_chars=spec.max_caption_chars,
+                        caption_required=spec.caption_required)
+    ex = out.example
+    return {"bucket": (out.bucket,), "image": ex.image, "caption": out.caption,
+            "original_size": ex.original_size, "crop_top_left": ex.crop_top_left}
+
+
+def cached_example(spec: StreamSpec, ref: _Ref) -> dict[str, Any]:
+    """A latent-cache sample (``data_pipeline.latents``): the posterior instead of pixels."""
+    meta = metadata_of(ref.parts) or {}
+    caption = caption_of(ref.parts, spec.caption_key, meta, spec.max_caption_chars)
+    mean, logvar = decode_sample_parts(ref.parts)
+    return {"bucket": tuple(mean.shape), "latent_mean": mean, "latent_logvar": logvar, "caption": caption,
+            "text_context": decode_text_part(ref.parts),
+            "original_size": tuple(meta.get("original_size", (0, 0))),
+            "crop_top_left": tuple(meta.get("crop_top_left", (0, 0)))}
+
+
+def _example(spec: StreamSpec, ref: _Ref) -> dict[str, Any]:
+    """The decoded sample of ``ref`` (raises BadSample for a skipped one)."""
+    if ref.skip:
+        raise BadSample(ref.skip)
+    return cached_example(spec, ref) if spec.latents else image_example(spec, ref)
+
+
+class _WholeSource:
+    """Every raw sample of a small source (``data.exact_epochs``), read once per reader process in shard
+    order and held in memory, each one's usability, and the damaged shards; the streams a reader
+    drives share it."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        info = spec.sources[0]
+        self.spec, self.info = spec, info
+        self.raw: list[tuple[int, RawSample]] = []  # (shard, sample) in shard order, tar order
+        self.damaged: list[tuple[int, str, str]] = []  # (shard, status, url) of shards that did not end "ok"
+        for shard, url in enumerate(info.urls):
+            for item in read_shard(ShardTask(shard, url), spec.options_for(url), spec.retry, limits=spec.limits):
+                if isinstance(item, ShardEnd):
+                    if item.status == "unreadable":
+                        raise RuntimeError(
+                            f"shard {url} could not be read after every retry ({item.error}); with data.exact_epochs "
+                            f"every reader reads every shard of source {info.name!r}, and a shard that one reader "
+                            f"cannot read would make the readers disagree on the order: fix the storage or set "
+                            f"data.exact_epochs=false")
+                    if item.status != "ok":
+                        self.damaged.append((shard, item.status, url))
+                    continue
+                self.raw.append((shard, item))
+                if len(self.raw) > spec.shuffle_buffer:
+                    raise ValueError(
+                        f"data source {info.name!r} ({info.num_shards} shards) holds more than data.shuffle_buffer="
+                        f"{spec.shuffle_buffer} raw samples; data.exact_epochs reads a whole source into each reader's "
+                        f"shuffle buffer: raise data.shuffle_buffer to the source's sample count (memory: that many "
+                        f"raw samples per reader), or set data.exact_epochs=false and give the source at least as many "
+                        f"shards as canonical streams")
+        self.bad: list[str] = []  # the skip reason of each raw sample, "" when usable
+        for shard, raw in self.raw:
+            try:
+                _example(spec, self.ref(0, shard, raw))
+                self.bad.append("")
+            except BadSample as bad:
+                self.bad.append(bad.reason)
+        self.usable = np.asarray([i for i, reason in enumerate(self.bad) if not reason], dtype=np.int64)
+        if not len(self.usable):
+            raise EmptySourceError(
+                f"data source {info.name!r} ({info.num_shards} shards, e.g. {info.urls[0]}) has no usable sample "
+                f"among its {len(self.raw)} (skipped: {dict(Counter(self.bad))}); check data.image_keys="
+                f"{list(spec.image_keys)}, data.caption_key={spec.caption_key!r} and the filters")
+        self._orders: dict[int, np.ndarray] = {}
+
+    def ref(self, epoch: int, shard: int, raw: RawSample) -> _Ref:
+        position = sample_position(0, epoch, shard, raw.index)
+        return _Ref(0, epoch, shard, raw.index, position, raw.key, raw.parts, self.info.urls[shard], raw.skip)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Raw-sample indices of epoch ``epoch``: one seeded permutation of the usable samples."""
+        if epoch not in self._orders:
+            perm = np.random.default_rng([self.spec.seed, 0, epoch, 0xE4AC7]).permutation(len(self.usable))
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # a unit spans <= 2 epochs
+            self._orders[epoch] = self.usable[perm]
+        return self._orders[epoch]
+
+    def events(self) -> list[tuple]:
+        """The skip events of one epoch: every bad sample and damaged shard."""
+        return ([("shard", status, url) for _, status, url in self.damaged]
+                + [("skip", reason) for reason in self.bad if reason])
+
+
+class _ExactEpochStream:
+    """Canonical stream ``stream`` of an exact-epoch source: global units ``u = j * K + stream`` of
+    the epochs' permutations of the whole source (position module docstring, "Exact epochs")."""
+
+    def __init__(self, spec: StreamSpec, stream: int, num_streams: int, whole: _WholeSource,
+                 cursor: StreamCursor) -> None:
+        self.spec, self.stream, self.num_streams, self.whole = spec, stream, num_streams, whole
+        self.units = cursor.draws  # units handed out
+        self.epoch = cursor.subs[0].epoch if cursor.subs else 0  # of the last sample handed out
+
+    def next_unit(self) -> tuple[list[dict[str, Any]], list[tuple], dict[str, Any]]:
+        whole, size = self.whole, self.spec.batch_size
+        unit = self.units * self.num_streams + self.stream
+        examples, events = [], []
+        for g in range(unit * size, (unit + 1) * size):
+            epoch, offset = divmod(g, len(whole.usable))
+            if offset == 0:  # the unit that opens an epoch reports its skips: once per epoch job-wide
+                events += whole.events()
+            shard, raw = whole.raw[int(whole.order(epoch)[offset])]
+            ref = whole.ref(epoch, shard, raw)
+            try:
+                example = _example(self.spec, ref)
+            except BadSample as bad:  # usable when the source was read: the same bytes decode the same way
+                raise RuntimeError(f"sample {ref.key} of {ref.url} decoded when the source was read but not now "
+                                   f"({bad}); its decoding is not deterministic") from None
+            example.update(key=ref.key, id=(0, epoch, shard, raw.index), position=ref.position,
+                           pending=(0, epoch, shard, raw.index, ref.position))
+            examples.append(example)
+            self.epoch = epoch
+        self.units += 1
+        return examples, events, self.cursor().to_state()
+
+    def cursor(self) -> StreamCursor:
+        return StreamCursor(self.units, [SubCursor(epoch=self.epoch)], {})
 
 
 def collate(spec: StreamSpec, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -361,6 +485,7 @@ class ReaderPlan:
     world_size: int
     workers: int  # readers of the rank (max(num_workers, 1))
     start: int  # m0: units this rank consumed before this session
+    exact: bool = False  # whole-source streams (data.exact_epochs)
 
     def streams(self, worker: int) -> list[int]:
         readers = self.world_size * self.workers
@@ -387,7 +512,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         plan = self.plan
         mine = plan.streams(worker)
-        streams = {k: _Stream(self.spec, k, plan.num_streams, plan.window, self.cursors[k]) for k in mine}
+        if plan.exact:
+            whole = _WholeSource(self.spec)
+            streams: dict[int, Any] = {k: _ExactEpochStream(self.spec, k, plan.num_streams, whole, self.cursors[k])
+                                       for k in mine}
+        else:
+            streams = {k: _Stream(self.spec, k, plan.num_streams, plan.window, self.cursors[k]) for k in mine}
         m = plan.first(worker)
         while True:
             k = plan.stream_of(m)
@@ -454,7 +584,8 @@ def spec_from_config(data: Any, batch_size: int, caption_required: bool = True) 
         transform=Transform(crop=data.crop, flip_prob=data.flip_prob, max_pixels=data.max_pixels, draft=data.draft),
         filters=filters, buckets=buckets_of(data), s3=s3, storage_options=tuple(sorted(extra.items())),
         retry=data.retry, latents=bool(data.latent_cache), num_streams=data.num_streams, limits=member_limits(data),
-        max_caption_chars=data.max_caption_chars, caption_required=caption_required)
+        max_caption_chars=data.max_caption_chars, caption_required=caption_required,
+        exact_epochs=data.exact_epochs)
 
 
 class StreamingBatches:
@@ -477,9 +608,14 @@ class StreamingBatches:
         self.stop_requested, self.poll_s = stop_requested, poll_s
         readers = world_size * self.readers
         k = spec.num_streams or default_streams(readers, min(info.num_shards for info in spec.sources))
+        exact = spec.exact_epochs == "true" or (spec.exact_epochs == "auto" and spec.whole_source_possible()
+                                                and spec.sources[0].num_shards < k)
+        if exact and not spec.num_streams:  # whole-source streams need no shards of their own: room to grow
+            k = default_streams(readers, readers * STREAMS_PER_READER[0])
         self.position = Position(spec.sources, seed=spec.seed, mode=spec.mode, num_streams=k,
                                  unit_size=spec.batch_size,
                                  window=window_for(spec.shuffle_buffer, k if spec.num_streams else readers, k))
+        self.position.exact_epochs = exact
         # A resume takes the number of streams from its position; a fresh start is checked before its
         # first batch (``_start``), and here when data.num_streams names it.
         if spec.num_streams:
@@ -502,14 +638,15 @@ class StreamingBatches:
                 f"reader(s) per rank = {readers} readers cannot share evenly (each reader drives whole streams); "
                 f"layouts that continue this run's exact order (ranks x data.num_workers, 1 = the rank reads itself): "
                 f"{', '.join(layouts_for(k))}")
-        if self.spec.mode == "epoch":
+        if self.spec.mode == "epoch" and not self.position.exact_epochs:
             for info in self.spec.sources:
                 if info.num_shards < k:
                     raise ValueError(
                         f"data source {info.name!r} has {info.num_shards} shard(s) but {k} canonical streams need "
                         f"at least one each in every epoch; set data.num_streams (now {self.spec.num_streams}, 0 = "
                         f"ranks x workers) to at most {info.num_shards}, lower data.num_workers, use "
-                        f"data.mode=resampled, or split the data into more shards")
+                        f"data.mode=resampled, data.exact_epochs=true (a small source: every reader reads all of "
+                        f"it) or split the data into more shards")
 
     def example_captions(self, n: int) -> list[str]:
         return self._captions[:n]
@@ -566,7 +703,8 @@ class StreamingBatches:
 
     def _start(self) -> None:
         self._check_layout()
-        plan = ReaderPlan(self.num_streams, self.position.window, self.rank, self.world_size, self.readers, self._m)
+        plan = ReaderPlan(self.num_streams, self.position.window, self.rank, self.world_size, self.readers, self._m,
+                          exact=self.position.exact_epochs)
         dataset = ShardStream(self.spec, plan, self.position.cursors)
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:

@@ -207,9 +207,9 @@ def test_mismatched_position_names_what_differs(clean, tmp_path: Path) -> None:
 def test_too_few_shards_for_the_streams_is_a_clear_error(clean) -> None:
     urls, _ = clean
     with pytest.raises(ValueError, match=r"has 2 shard\(s\) but 4 canonical streams need at least one each"):
-        StreamingBatches(_spec(urls[:2]), rank=0, world_size=2, num_workers=2).next_batch()
+        StreamingBatches(_spec(urls[:2], exact_epochs="false"), rank=0, world_size=2, num_workers=2).next_batch()
     with pytest.raises(ValueError, match=r"has 2 shard\(s\) but 3 canonical streams"):
-        StreamingBatches(_spec(urls[:2], num_streams=3), rank=0, world_size=1)
+        StreamingBatches(_spec(urls[:2], num_streams=3, exact_epochs="false"), rank=0, world_size=1)
 
 
 def test_a_layout_that_cannot_drive_the_streams_is_refused_with_the_ones_that_can(clean) -> None:
@@ -552,3 +552,81 @@ def test_s3_run_resumed_on_other_layouts_is_the_local_run(s3_server, mixed) -> N
     got = _stopped_and_resumed(_s3_spec(s3_urls, s3_server.endpoint_url, shuffle_buffer=7), [(2, 2), (1, 1), (2, 2)],
                                [3, 7], 10, 8)
     assert got == local.steps
+
+
+def _unequal_corpus(root: Path, sizes: tuple[int, ...], *, bad: tuple[tuple[int, int], ...] = ()) -> list[str]:
+    """Shards of ``sizes`` good samples (keys unique over the corpus); ``bad`` (shard, index) samples
+    carry bytes no image decoder reads."""
+    import corpus
+    from data_pipeline.writer import ShardWriter
+
+    urls = []
+    for shard, n in enumerate(sizes):
+        url = str(root / f"{shard:05d}.tar")
+        with ShardWriter(url) as writer:
+            for index in range(n):
+                key = corpus.sample_key(shard, index)
+                parts = corpus._good_parts(key, f"a photo number {shard}-{index}", np.random.default_rng([shard, index]),
+                                           (32, 32))
+                if (shard, index) in bad:
+                    parts["jpg"] = b"\xff\xd8 not a jpeg"
+                writer.write(key, parts)
+        urls.append(url)
+    return urls
+
+
+def test_exact_epochs_whatever_the_shard_sizes_and_the_layout(tmp_path: Path) -> None:
+    """Issue 20 item 5 with shards of unequal sizes (40, 31, 25, 20 samples: 116), 2 ranks x 2 workers,
+    a buffer larger than the source, 20 samples a step: every run of 116 consecutive samples of the
+    global order is one epoch, each sample once; stopped and resumed as 1 x 4 and 2 x 1, the same
+    steps."""
+    urls = _unequal_corpus(tmp_path, (40, 31, 25, 20))
+    keys = corpus_keys(tmp_path)
+    spec = _spec(urls, batch_size=5, shuffle_buffer=1000, exact_epochs="true")
+    reference = Job(spec, 2, 2, global_batch=20).run(18)  # 360 samples: 3 epochs and a part
+    state = reference.state()
+    reference.close()
+    assert state["exact_epochs"] is True and len(json.dumps(state)) < 4096
+    for e in range(3):
+        chunk = reference.delivered[e * 116:(e + 1) * 116]
+        assert {ep for ep, _ in chunk} == {e}, e
+        assert sorted(k for _, k in chunk) == sorted(keys), e
+    assert [k for _, k in reference.delivered[:116]] != [k for _, k in reference.delivered[116:232]]
+    got = _stopped_and_resumed(spec, [(2, 2), (1, 4), (2, 1)], [5, 11], 18, 20)
+    assert got == reference.steps
+
+
+def test_exact_epochs_serve_fewer_shards_than_streams_and_count_bad_samples_once_an_epoch(tmp_path: Path) -> None:
+    """3 shards for 4 readers (refused before: a stream without a shard) take exact epochs by default
+    (data.exact_epochs=auto); an undecodable sample is skipped, counted once per epoch job-wide, and
+    the same after a resume on another layout."""
+    urls = _unequal_corpus(tmp_path, (9, 7, 6), bad=((1, 3),))
+    spec = _spec(urls, batch_size=3, shuffle_buffer=100)
+    job = Job(spec, 2, 2, global_batch=12).run(7)  # 84 samples of 21 usable: 4 epochs
+    state = job.state()
+    job.close()
+    assert state["exact_epochs"] is True and state["num_streams"] == 48  # 4 readers x 12: room to grow
+    for e in range(4):
+        chunk = job.delivered[e * 21:(e + 1) * 21]
+        assert {ep for ep, _ in chunk} == {e} and len({k for _, k in chunk}) == 21
+    assert state["skipped"].get("undecodable_image") == 4  # once in each epoch begun
+    resumed = _stopped_and_resumed(spec, [(2, 2), (4, 1)], [3], 7, 12)
+    assert resumed == job.steps
+    again = Job(spec, 2, 2, global_batch=12).run(3)
+    middle = again.state()
+    again.close()
+    after = Job(spec, 4, 1, middle, global_batch=12).run(4)
+    assert after.state()["skipped"] == state["skipped"]
+    after.close()
+
+
+def test_exact_epochs_refuse_what_they_cannot_serve(tmp_path: Path, clean) -> None:
+    urls, _ = clean
+    for kw, what in (({"mode": "resampled"}, "mode='resampled'"), ({"buckets": BUCKETS}, "3 buckets"),
+                     ({"shuffle_buffer": 0}, "shuffle_buffer=0")):
+        with pytest.raises(ValueError, match=rf"data.exact_epochs=true needs .*{what}"):
+            _spec(urls, exact_epochs="true", **kw)
+    too_big = StreamingBatches(_spec(urls, shuffle_buffer=50, exact_epochs="true"), rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"more than data.shuffle_buffer=50 raw samples.*raise data.shuffle_buffer"):
+        too_big.next_batch()
+    too_big.close()
