@@ -630,3 +630,14 @@ def test_exact_epochs_refuse_what_they_cannot_serve(tmp_path: Path, clean) -> No
     with pytest.raises(ValueError, match=r"more than data.shuffle_buffer=50 raw samples.*raise data.shuffle_buffer"):
         too_big.next_batch()
     too_big.close()
+
+
+def test_exact_epochs_setting_is_checked_before_work() -> None:
+    from data_pipeline.config import DataConfig
+
+    with pytest.raises(ValueError, match=r"data.exact_epochs='maybe' is invalid; allowed: one of \('auto'"):
+        DataConfig(kind="webdataset", urls=["/x/{0..3}.tar"], exact_epochs="maybe")
+    with pytest.raises(ValueError, match=r"data.exact_epochs='true' is invalid; allowed: auto or false: "
+                                         r"data.mode=resampled has no epochs"):
+        DataConfig(kind="webdataset", urls=["/x/{0..3}.tar"], exact_epochs="true", mode="resampled")
+    assert DataConfig(kind="webdataset", urls=["/x/{0..3}.tar"], exact_epochs=True).exact_epochs == "true"
