@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import trainer.plan  # noqa: F401  (registers the plan schema)
 from data_pipeline.decode import BadSample, LabelSpec, label_of, read_label_map
 from data_pipeline.indexed import InMemoryBatches, load_shards
 from trainer.config import TrainConfig, check_compatible, config_fingerprint
@@ -184,3 +185,99 @@ def test_config_of_a_class_run_round_trips(compose) -> None:
     again = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
                                                 OmegaConf.to_container(OmegaConf.structured(cfg))))
     assert again.model.conditioning == cfg.model.conditioning
+
+
+# ----------------------------------------------------------------------------- presets, diffusers
+
+# UNet parameters of the paper's hyperparameter tables (Rombach et al. 2022, Tab. 12 unconditional
+# LSUN-Bedrooms LDM-4: 274M; Tab. 14 / App. E class-conditional ImageNet LDM-4: 400M), exact counts as
+# built from the CompVis YAMLs' architecture and, independently, by diffusers from the same settings.
+PRESET_UNET = {"cin_ldm4": 400_920_579, "lsun_ldm4": 274_056_163}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_UNET))
+def test_real_size_presets_match_the_paper_and_diffusers(compose, preset: str) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from trainer.convert.diffusers_unet import diffusers_unet2d_config, diffusers_unet_config
+    from trainer.models.config import count_parameters
+
+    model = OmegaConf.to_object(compose("plan", [f"model={preset}"])).model
+    parts = build_components(model, device="meta")
+    n = count_parameters(parts.unet)
+    assert n == PRESET_UNET[preset]
+    assert round(n / 1e6, -1 if preset == "cin_ldm4" else 0) == {"cin_ldm4": 400, "lsun_ldm4": 274}[preset]
+    with torch.device("meta"):
+        if model.conditioning.cross_attn == "none":
+            theirs = diffusers.UNet2DModel(**diffusers_unet2d_config(model.unet))
+        else:
+            theirs = diffusers.UNet2DConditionModel(**diffusers_unet_config(model.unet))
+    assert count_parameters(theirs) == n
+    if preset == "cin_ldm4":  # 1000 classes + the null class, 512 wide
+        assert count_parameters(parts.class_embedder) == 1001 * 512
+
+
+def test_plan_prints_the_class_embedder_and_no_text_encoder(compose) -> None:
+    from trainer.plan import render_plan
+
+    text = render_plan(OmegaConf.to_object(compose("plan", ["model=cin_ldm4"])))
+    assert "400,920,579" in text and "class_embedder" in text and "512,512" in text
+    assert "text_encoder  " not in text.split("training FLOPs")[0]
+
+
+def _uncond_tiny_kl(compose):
+    from trainer.diffusion import build_diffusion
+    from trainer.inference import LoadedModel
+    from trainer.interchange import build_networks
+
+    cfg = _train_config(compose, ["model=tiny_kl", *NONE])
+    parts = build_networks(cfg.model, 0)
+    for p in parts.unet.parameters():  # open the zero-initialised convs so every block shows
+        p.data.normal_(0, 0.05)
+    return LoadedModel(cfg=cfg, unet=parts.unet.eval(), text_encoder=None, tokenizer=None,
+                       first_stage=parts.first_stage.eval(), schedule=build_diffusion(cfg.diffusion).schedule,
+                       source={"checkpoint": "test", "tag": "t", "step": 0, "weights": "ema"})
+
+
+def test_unconditional_unet_matches_diffusers_unet2d_both_ways() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from trainer.convert.diffusers_unet import diffusers_unet2d_config, unet2d_from_diffusers, unet2d_to_diffusers
+
+    cfg = UNetConfig(model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, attention_resolutions=[2, 4],
+                     num_heads=-1, num_head_channels=16, norm_num_groups=8, in_channels=3, out_channels=3,
+                     context_dim=None)
+    torch.manual_seed(0)
+    ours = UNetModel(cfg)
+    for p in ours.parameters():
+        p.data.normal_(0, 0.05)
+    theirs = diffusers.UNet2DModel(**diffusers_unet2d_config(cfg))
+    sd, report = unet2d_to_diffusers(ours.state_dict(), cfg)
+    assert report.ok
+    theirs.load_state_dict(sd, strict=True)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        a, b = ours(x, t), theirs(x, t).sample
+    assert a.abs().mean() > 1e-2
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    back, report = unet2d_from_diffusers(theirs.state_dict(), cfg)
+    assert report.ok and back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+
+
+def test_unconditional_export_is_an_ldm_pipeline_that_samples_like_ours(compose, tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from trainer.interchange import export_diffusers
+    from trainer.sampling.pipeline import text_to_image
+
+    model = _uncond_tiny_kl(compose)
+    out = export_diffusers(model, tmp_path / "ldm")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "LDMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
+    pipe = diffusers.LDMPipeline.from_pretrained(str(out))
+    steps = 4
+    theirs = pipe(batch_size=1, generator=torch.Generator().manual_seed(5), num_inference_steps=steps, eta=0.0,
+                  output_type="np").images  # (1, H, W, 3) in [0, 1]
+    ours = text_to_image(model.unet, lambda c: None, model.first_stage, [None], [5], schedule=model.schedule,
+                         latent_shape=model.latent_shape, sampler="ddim", num_steps=steps)  # (1, 3, H, W) in [-1, 1]
+    ours01 = ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert ours01.shape == theirs.shape
+    assert float(abs(ours01 - theirs).max()) < 1e-4
