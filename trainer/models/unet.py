@@ -280,5 +280,5 @@ class UNetModel(nn.Module):
 
 # The blocks activation checkpointing can recompute, by the kind ``deepspeed.activation_checkpointing``
 # names: ResBlocks, and SpatialTransformers (attention and feed-forward hold most activations at high
-# resolution).
-CHECKPOINT_BLOCKS = {"res": ResBlock, "transformer": SpatialTransformer}
+# resolution; in an unconditional UNet, its self-attention AttentionBlocks take their place).
+CHECKPOINT_BLOCKS = {"res": ResBlock, "transformer": (SpatialTransformer, AttentionBlock)}
