@@ -281,3 +281,17 @@ def test_unconditional_export_is_an_ldm_pipeline_that_samples_like_ours(compose,
     ours01 = ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert ours01.shape == theirs.shape
     assert float(abs(ours01 - theirs).max()) < 1e-4
+
+
+def test_streamed_batches_carry_labels() -> None:
+    import numpy as np
+
+    from data_pipeline.stream import StreamSpec, collate
+
+    spec = StreamSpec(sources=(), weights=(), image_size=8, batch_size=2, labels=LabelSpec("json:digit", 10))
+    examples = [{"caption": "", "key": f"k{i}", "id": (0, i), "position": i, "original_size": (8, 8),
+                 "crop_top_left": (0, 0), "image": np.zeros((8, 8, 3), np.uint8), "label": label}
+                for i, label in enumerate([4, 9])]
+    batch = collate(spec, examples)
+    assert batch["labels"].tolist() == [4, 9] and batch["labels"].dtype == torch.int64
+    assert "labels" not in collate(StreamSpec(sources=(), weights=(), image_size=8, batch_size=2), examples)
