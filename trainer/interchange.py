@@ -30,7 +30,8 @@ from torch import nn
 from trainer.convert.clip_text import (CLIP_TEXT_ARCH_KEYS, clip_text_config, clip_text_from_transformers,
                                       clip_text_to_transformers)
 from trainer.convert.diffusers_ldmbert import diffusers_ldmbert_config, ldmbert_from_diffusers, ldmbert_to_diffusers
-from trainer.convert.diffusers_unet import diffusers_unet_config, unet_from_diffusers, unet_to_diffusers
+from trainer.convert.diffusers_unet import (diffusers_unet2d_config, diffusers_unet_config, unet2d_from_diffusers,
+                                            unet2d_to_diffusers, unet_from_diffusers, unet_to_diffusers)
 from trainer.convert.diffusers_vae import diffusers_vae_config, vae_from_diffusers, vae_to_diffusers
 from trainer.convert.first_stage import load_first_stage_weights, read_state_dict
 from trainer.convert.keymap import ConversionReport, KeyMap
@@ -210,9 +211,11 @@ def _load_diffusers(parts, root: Path, cfg) -> dict[str, Any]:
         raise ValueError(f"model.init_from_ema=true takes the model_ema.* weights of a CompVis checkpoint; {where} is "
                          f"a diffusers folder, which holds one UNet: set model.init_from_ema=false")
     summary: dict[str, Any] = {}
-    _check_config(root / "unet" / "config.json", diffusers_unet_config(cfg.unet), f"{where} (unet/config.json)")
+    uncond = cfg.unet.context_dim is None  # an LDMPipeline's UNet2DModel
+    unet_config = diffusers_unet2d_config(cfg.unet) if uncond else diffusers_unet_config(cfg.unet)
+    _check_config(root / "unet" / "config.json", unet_config, f"{where} (unet/config.json)")
     sd = _read_safetensors(root / "unet" / "diffusion_pytorch_model.safetensors", f"{where} (unet)")
-    ours, report = unet_from_diffusers(sd, cfg.unet)
+    ours, report = (unet2d_from_diffusers if uncond else unet_from_diffusers)(sd, cfg.unet)
     report.raise_if_incomplete(f"{where} (unet)")
     load_strict(parts.unet, ours, f"{where} (unet)")
     summary["unet"] = len(ours)
@@ -335,13 +338,53 @@ def ldm_pipeline(cfg: ModelConfig) -> bool:
     return cfg.text_encoder.kind == "ldm_bert" and cfg.text_encoder.max_length == LDM_PIPELINE_TOKENS
 
 
+def export_ldm_uncond(model, out: Path, *, overwrite: bool = False) -> Path:
+    """A diffusers ``LDMPipeline`` folder (``UNet2DModel`` + ``AutoencoderKL`` as its ``vqvae`` +
+    ``DDIMScheduler``) for an unconditional model: the pipeline divides latents by the first stage's
+    ``scaling_factor`` and decodes them, so a first stage with a shift has no exact export."""
+    cfg = model.cfg.model
+    if cfg.autoencoder.shift_factor != 0.0:
+        raise ValueError(f"format=diffusers: LDMPipeline decodes latents / scaling_factor with no shift; "
+                         f"model.autoencoder.shift_factor={cfg.autoencoder.shift_factor} has no exact export")
+    tmp = _staging(out)
+    try:
+        unet_sd, report = unet2d_to_diffusers(model.unet.state_dict(), cfg.unet)
+        report.raise_if_incomplete("export (unet)")
+        _save(unet_sd, tmp / "unet" / "diffusion_pytorch_model.safetensors")
+        _write_json(tmp / "unet" / "config.json", {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+                                                   "sample_size": model.latent_shape[1],
+                                                   **diffusers_unet2d_config(cfg.unet)})
+        vae_sd, report = vae_to_diffusers(model.first_stage.state_dict(), cfg.autoencoder)
+        report.raise_if_incomplete("export (first stage)")
+        _save(vae_sd, tmp / "vqvae" / "diffusion_pytorch_model.safetensors")
+        _write_json(tmp / "vqvae" / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+                                                    **diffusers_vae_config(cfg.autoencoder)})
+        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(model.cfg.diffusion))
+        _write_json(tmp / "model_index.json", {"_class_name": "LDMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                                               "unet": ["diffusers", "UNet2DModel"],
+                                               "vqvae": ["diffusers", "AutoencoderKL"],
+                                               "scheduler": ["diffusers", "DDIMScheduler"]})
+        _write_json(tmp / "ldm_platform.json", {"source": model.source, "image_size": model.cfg.data.image_size})
+        _commit_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path:
-    """A diffusers pipeline folder for ``model`` (a ``trainer.inference.LoadedModel``)."""
+    """A diffusers pipeline folder for ``model`` (a ``trainer.inference.LoadedModel``): text-to-image,
+    or ``LDMPipeline`` for an unconditional model."""
     cfg = model.cfg.model
     if cfg.autoencoder.kind != "kl":
         raise ValueError(f"format=diffusers needs a latent model: model.autoencoder.kind={cfg.autoencoder.kind!r} "
                          f"(pixel space) has no diffusers text-to-image pipeline; use format=safetensors")
+    if cfg.conditioning.cross_attn == "class":
+        raise ValueError("format=diffusers: diffusers has no pipeline for a class-conditional LDM "
+                         "(model.conditioning.cross_attn='class'); use format=safetensors")
     out = Path(out)
+    if cfg.conditioning.cross_attn == "none":
+        return export_ldm_uncond(model, out, overwrite=overwrite)
     tmp = _staging(out)
     try:
         unet_sd, report = unet_to_diffusers(model.unet.state_dict(), cfg.unet)
@@ -391,7 +434,10 @@ def export_safetensors(model, out: str | Path, *, overwrite: bool = False) -> Pa
         _save(model.unet.state_dict(), tmp / "unet.safetensors")
         if hasattr(model.first_stage, "encoder"):
             _save(model.first_stage.state_dict(), tmp / "first_stage.safetensors")
-        _save(model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
+        if model.text_encoder is not None:
+            _save(model.text_encoder.state_dict(), tmp / "text_encoder.safetensors")
+        if model.class_embedder is not None:
+            _save(model.class_embedder.state_dict(), tmp / "class_embedder.safetensors")
         _write_json(tmp / "model_config.json", {"model": asdict(model.cfg.model), "diffusion": asdict(model.cfg.diffusion),
                                                 "image_size": model.cfg.data.image_size, "source": model.source})
         _commit_dir(tmp, out, overwrite)

@@ -15,18 +15,23 @@ import torch
 # Transforms applied on the way from ours to theirs; each has an exact inverse.
 IDENTITY = "identity"
 CONV1X1_TO_LINEAR = "conv1x1_to_linear"  # (O, I, 1, 1) -> (O, I): CompVis conv attention vs diffusers Linear
-TRANSFORMS = (IDENTITY, CONV1X1_TO_LINEAR)
+CONV1D_TO_LINEAR = "conv1d_to_linear"  # (O, I, 1) -> (O, I): CompVis AttentionBlock vs diffusers Linear
+TRANSFORMS = (IDENTITY, CONV1X1_TO_LINEAR, CONV1D_TO_LINEAR)
 
 
 def _to_theirs(tensor: torch.Tensor, transform: str) -> torch.Tensor:
     if transform == CONV1X1_TO_LINEAR and tensor.ndim == 4:
         return tensor[:, :, 0, 0]
+    if transform == CONV1D_TO_LINEAR and tensor.ndim == 3:
+        return tensor[:, :, 0]
     return tensor
 
 
 def _to_ours(tensor: torch.Tensor, transform: str) -> torch.Tensor:
     if transform == CONV1X1_TO_LINEAR and tensor.ndim == 2:
         return tensor[:, :, None, None]
+    if transform == CONV1D_TO_LINEAR and tensor.ndim == 2:
+        return tensor[:, :, None]
     return tensor
 
 
