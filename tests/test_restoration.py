@@ -13,6 +13,8 @@ from data_pipeline.degrade import bicubic_downsample, bicubic_upsample, bsr_ligh
 from data_pipeline.masks import draw_masks, half_mask, mask_at, masked_images, strokes_boxes_mask
 from eval.restoration import composite, masked_lpips, masked_psnr, superres_scores, superres_table
 from trainer.autoencoder_loss import build_lpips
+from trainer.models.autoencoder import IdentityFirstStage
+from trainer.tasks.concat import ConcatSettings, concat_channels, make_condition
 
 
 def _images(seed: int, batch: int = 2, size: int = 16) -> torch.Tensor:
@@ -131,3 +133,29 @@ def test_inpainting_metrics_look_only_inside_the_mask():
         lpips = build_lpips(random_backbone=True)
     assert masked_lpips(lpips, original, outside_wrong, masks).abs().max() < 1e-6
     assert (masked_lpips(lpips, original, inside_wrong, masks) > 1e-3).all()
+
+
+def test_concat_inputs_pixel_space_layout_and_repeatability():
+    images = _images(5, batch=2)
+    identity = IdentityFirstStage()
+    lowres = ConcatSettings(kind="lowres", sr_factor=4)
+    cond = make_condition(identity, images, None, lowres, (16, 16))
+    assert cond.shape == (2, 3, 16, 16)
+    assert torch.allclose(cond, bicubic_upsample(bicubic_downsample(images, 4), 4), atol=1e-6)
+    assert concat_channels("lowres", 3) == 3 and concat_channels("masked_image", 4) == 5
+    inpaint = ConcatSettings(kind="masked_image", mask="strokes_boxes", mask_min_coverage=0.2, mask_max_coverage=0.4)
+    cond = make_condition(identity, images, _gens([3, 4]), inpaint, (16, 16))
+    assert cond.shape == (2, 4, 16, 16)
+    masks = cond[:, 3:]
+    assert torch.equal(cond[:, :3], images * (1 - masks))
+    assert torch.equal(cond, make_condition(identity, images, _gens([3, 4]), inpaint, (16, 16)))
+    assert all(0.2 <= float(m.mean()) <= 0.4 for m in masks)
+    bsr = ConcatSettings(kind="lowres", degradation="bsr_light")
+    assert torch.equal(make_condition(identity, images, _gens([1, 2]), bsr, (16, 16)),
+                       make_condition(identity, images, _gens([1, 2]), bsr, (16, 16)))
+    with pytest.raises(ValueError, match="model.conditioning.sr_factor=3"):
+        make_condition(identity, images, None, ConcatSettings(kind="lowres", sr_factor=3), (16, 16))
+    with pytest.raises(ValueError, match="model.conditioning.mask='circle'"):
+        ConcatSettings(kind="masked_image", mask="circle")
+    with pytest.raises(ValueError, match="model.conditioning.mask_min_coverage"):
+        ConcatSettings(kind="masked_image", mask_min_coverage=0.0)
