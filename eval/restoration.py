@@ -14,12 +14,19 @@ features of ``eval.features`` and goes through ``eval.metrics``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import json
+from collections import Counter
+from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
+from data_pipeline.masks import masked_images
+from data_pipeline.shards import ShardTask, read_samples
+from data_pipeline.sources import RetryPolicy, expand_urls, storage_options_for
 from eval.image_metrics import psnr, ssim
 from eval.metrics import Features, feature_stats, frechet_distance
+from eval.reference import SHARD_IMAGE_KEYS, square_rgb
 
 SIGNED_RANGE = 2.0  # data_range of images in [-1, 1]
 
@@ -90,3 +97,72 @@ def masked_psnr(original: torch.Tensor, completion: torch.Tensor, masks: torch.T
     count = masks.sum(dim=(1, 2, 3)) * original.shape[1]
     mse = diff / count
     return 10.0 * torch.log10(SIGNED_RANGE**2 / mse)
+
+
+# ----------------------------------------------------------------------------- the held-out protocol
+
+
+def held_out_images(url: str, *, resolution: int, limit: int, label_field: Optional[str] = "digit",
+                    storage_options: Optional[dict[str, Any]] = None) -> tuple[torch.Tensor, Optional[np.ndarray]]:
+    """The first ``limit`` images of the shards at ``url`` (a brace pattern) as float (N, 3, R, R) in
+    [-1, 1], in shard order, and their ``label_field`` from each sample's json (None without one)."""
+    urls = expand_urls(url)
+    tasks = [ShardTask(i, u) for i, u in enumerate(urls)]
+    options = storage_options_for(urls[0], None, storage_options)
+    images, labels, skipped = [], [], Counter()
+    for _, sample in read_samples(tasks, options, RetryPolicy(), skipped):
+        key = next((k for k in SHARD_IMAGE_KEYS if k in sample.parts), None)
+        if key is None:
+            continue
+        images.append(square_rgb(sample.parts[key], resolution))
+        if label_field is not None:
+            labels.append(int(json.loads(sample.parts["json"])[label_field]))
+        if len(images) == limit:
+            break
+    if len(images) < 2:
+        raise ValueError(f"{url!r} holds {len(images)} readable images; the restoration protocol needs >= 2")
+    chw = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, R, R)
+    return chw, (np.asarray(labels) if label_field is not None else None)
+
+
+RestoreFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+
+
+def restoration_protocol(kind: str, restore: RestoreFn, images: torch.Tensor, drawn: torch.Tensor, *,
+                         labels: Optional[np.ndarray] = None, classifier: Any = None, extractor: Any = None,
+                         lpips: Optional[torch.nn.Module] = None, baseline: Optional[torch.Tensor] = None,
+                         batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Restore every held-out image and score it.
+
+    ``restore(images, drawn, seeds)`` returns the outputs (B, 3, H, W) in [-1, 1] for a batch: ``drawn``
+    is the low-resolution image (``lowres``) or the mask (``masked_image``). Super-resolution gives the
+    model and ``baseline`` (bicubic) rows of ``superres_table``; inpainting the mean masked-region LPIPS
+    (with ``lpips``), masked PSNR and, with ``classifier`` and ``labels``, the fraction of completions
+    recognised as the original's label. FID (with ``extractor``) is against the held-out images.
+    """
+    outputs = torch.cat([restore(images[s:s + batch_size], drawn[s:s + batch_size],
+                                 list(range(seed + s, seed + min(s + batch_size, len(images)))))
+                         for s in range(0, len(images), batch_size)]).float().clamp(-1, 1)
+    features = None
+    if extractor is not None:
+        features = {"high": extractor(to_uint8(images)), "model": extractor(to_uint8(outputs))}
+    record: dict[str, Any] = {"kind": kind, "num_images": int(len(images))}
+    if kind == "lowres":
+        if baseline is None:
+            raise ValueError("the super-resolution protocol needs the bicubic baseline images")
+        if features is not None:
+            features["bicubic"] = extractor(to_uint8(baseline))
+        record["rows"] = superres_table(images, outputs, baseline, features=features)
+        record["psnr_gain_db"] = record["rows"]["model"]["psnr"] - record["rows"]["bicubic"]["psnr"]
+    else:
+        filled = composite(images, outputs, drawn)
+        record["masked_psnr"] = float(masked_psnr(images, outputs, drawn).mean())
+        record["lpips_masked"] = None if lpips is None else float(masked_lpips(lpips, images, outputs, drawn).mean())
+        record["fid"] = None if features is None else fid_of(features["high"], extractor(to_uint8(filled)))
+        if classifier is not None and labels is not None:
+            predicted = classifier.predict(to_uint8(filled).permute(0, 2, 3, 1).numpy())
+            record["digit_accuracy"] = float((np.asarray(predicted) == np.asarray(labels)).mean())
+            corrupted = classifier.predict(to_uint8(masked_images(images, drawn)).permute(0, 2, 3, 1).numpy())
+            record["digit_accuracy_masked_input"] = float((np.asarray(corrupted) == np.asarray(labels)).mean())
+    record["outputs"] = outputs
+    return record
