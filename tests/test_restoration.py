@@ -16,6 +16,9 @@ from eval.restoration import (composite, held_out_images, masked_lpips, masked_p
                               superres_scores, superres_table, to_uint8)
 from trainer.autoencoder_loss import build_lpips
 from trainer.models.autoencoder import IdentityFirstStage
+from trainer.diffusion import DiffusionConfig, build_diffusion
+from trainer.models.unet import UNetConfig, UNetModel
+from trainer.sampling.concat import WithConcat, concat_to_image
 from trainer.tasks.concat import ConcatSettings, concat_channels, make_condition
 
 
@@ -192,3 +195,35 @@ def test_restoration_protocol_scores_oracle_and_baseline_restorations(digits16):
     blank = restoration_protocol("masked_image", lambda x, d, s: torch.zeros_like(x), images, masks, labels=labels,
                                  classifier=classifier)
     assert blank["digit_accuracy"] < expected and blank["digit_accuracy"] == blank["digit_accuracy_masked_input"]
+
+
+def test_concat_sampling_repeats_the_condition_in_guidance_batches_and_ignores_batching():
+    torch.manual_seed(0)
+    unet = UNetModel(UNetConfig(in_channels=7, out_channels=3, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                                attention_resolutions=[2], num_heads=2, context_dim=8, norm_num_groups=8)).eval()
+    with torch.no_grad():
+        for p in unet.out[2].parameters():  # zero-initialised: give the output layer weights
+            p.normal_(0, 0.1)
+    schedule = build_diffusion(DiffusionConfig()).schedule
+    images = _images(6, batch=3, size=8)
+    masks = draw_masks(_gens([0, 1, 2]), 8, 8, "half")
+    concat = torch.cat([masked_images(images, masks), masks], 1)  # (3, 4, 8, 8)
+
+    def encode(prompts):
+        return torch.stack([torch.full((2, 8), float(len(p))) for p in prompts])  # (B, 2, 8)
+
+    kwargs = dict(schedule=schedule, latent_channels=3, num_steps=3, guidance_scale=2.0, device="cpu")
+    together = concat_to_image(unet, encode, IdentityFirstStage(), ["a", "bb", "ccc"], [5, 6, 7], concat, batch_size=3,
+                               **kwargs)
+    alone = concat_to_image(unet, encode, IdentityFirstStage(), ["bb"], [6], concat[1:2], batch_size=1, **kwargs)
+    assert together.shape == (3, 3, 8, 8)
+    assert torch.allclose(together[1], alone[0], atol=1e-5)
+    other = concat_to_image(unet, encode, IdentityFirstStage(), ["bb"], [6], concat[2:3], batch_size=1, **kwargs)
+    assert not torch.allclose(alone, other)  # the concat input reaches the UNet
+    x = torch.randn(6, 3, 8, 8)
+    wrapped = WithConcat(unet, concat)
+    t = torch.full((6,), 10)
+    context = encode(["a"] * 6)
+    assert torch.allclose(wrapped(x, t, context), unet(torch.cat([x, torch.cat([concat, concat])], 1), t, context))
+    with pytest.raises(ValueError, match="one of each per sample"):
+        concat_to_image(unet, encode, IdentityFirstStage(), ["a"], [0, 1], concat[:2], **kwargs)
