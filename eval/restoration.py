@@ -125,6 +125,23 @@ def held_out_images(url: str, *, resolution: int, limit: int, label_field: Optio
     return chw, (np.asarray(labels) if label_field is not None else None)
 
 
+def held_out_captions(url: str, count: int, storage_options: Optional[dict[str, Any]] = None) -> list[str]:
+    """The captions (``txt`` parts) of the first ``count`` samples of the shards at ``url``, in the order
+    of ``held_out_images``."""
+    urls = expand_urls(url)
+    tasks = [ShardTask(i, u) for i, u in enumerate(urls)]
+    captions: list[str] = []
+    for _, sample in read_samples(tasks, storage_options_for(urls[0], None, storage_options), RetryPolicy(), Counter()):
+        if any(k in sample.parts for k in SHARD_IMAGE_KEYS):
+            captions.append(sample.parts["txt"].decode("utf-8").strip() if "txt" in sample.parts else "")
+        if len(captions) == count:
+            break
+    if len(captions) != count or not all(captions):
+        raise ValueError(f"{url!r}: {sum(map(bool, captions))} captions (txt parts) for {count} held-out images; a "
+                         f"text-conditioned restoration model is evaluated with each image's caption")
+    return captions
+
+
 RestoreFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 
 
