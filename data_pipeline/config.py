@@ -72,6 +72,12 @@ class DataConfig:
     image_size: int = 32
     image_keys: list[str] = field(default_factory=lambda: ["jpg", "png", "webp"])
     caption_key: str = "txt"  # or json:<field>
+    # Class labels, for class-conditional models (model.conditioning.cross_attn=class): a part extension
+    # (e.g. cls: an integer or a name) or json:<field> (the digits' json:digit). label_map: a JSON file
+    # {name: class} for labels stored as names. A sample whose label is missing, unmapped or outside
+    # [0, model.conditioning.num_classes) is skipped and counted (missing_label / bad_label).
+    label_key: Optional[str] = None
+    label_map: Optional[str] = None
     seed: int = 0
     mode: str = "epoch"  # epoch | resampled (shards drawn with replacement)
     shuffle_shards: bool = True
@@ -131,6 +137,10 @@ class DataConfig:
             raise invalid("data.image_keys", self.image_keys, "at least one image extension")
         if not self.caption_key or self.caption_key == "json:":
             raise invalid("data.caption_key", self.caption_key, "a part extension (txt) or json:<field>")
+        if self.label_key is not None and (not self.label_key or self.label_key == "json:"):
+            raise invalid("data.label_key", self.label_key, "a part extension (cls) or json:<field>")
+        if self.label_map is not None and self.label_key is None:
+            raise invalid("data.label_map", self.label_map, "null unless data.label_key names where labels are")
         check_int("data.seed", self.seed, 0)
         if self.mode not in DATA_MODES:
             raise invalid("data.mode", self.mode, f"one of {DATA_MODES}")

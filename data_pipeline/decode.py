@@ -15,8 +15,9 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+import fsspec
 import numpy as np
 import torch
 from PIL import Image
@@ -132,6 +133,67 @@ def caption_of(parts: dict[str, bytes], caption_key: str, metadata: dict[str, An
     if not text:
         raise BadSample("empty_caption")
     return text
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Where a sample's class label is and what it may be: ``key`` is a part extension (``cls``, its
+    text an integer or a name) or ``json:<field>``; ``names`` (``data.label_map``) maps names (and
+    their string forms of ints) to classes; a label must land in ``[0, num_classes)``."""
+
+    key: str
+    num_classes: int
+    names: Optional[dict[str, int]] = None
+
+
+def read_label_map(path: str, num_classes: int) -> dict[str, int]:
+    """``data.label_map``: a JSON object {label name: class}; every class must be in
+    ``[0, num_classes)`` - checked when the job starts, before any work, naming the key."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.label_map={path!r} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"data.label_map={path!r} is not a JSON object {{name: class}}: {e}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"data.label_map={path!r} must be a non-empty JSON object {{name: class}}")
+    out = {}
+    for name, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_classes:
+            raise ValueError(f"data.label_map={path!r} maps {name!r} to {value!r}, outside the classes "
+                             f"[0, {num_classes}) of model.conditioning.num_classes={num_classes}")
+        out[str(name)] = value
+    return out
+
+
+def label_of(parts: dict[str, bytes], spec: LabelSpec, metadata: dict[str, Any] | None) -> int:
+    """The class of a sample; a missing, unmapped or out-of-range label is a ``BadSample`` (skipped and
+    counted like other bad data: one mislabelled sample does not stop a job)."""
+    if spec.key.startswith("json:"):
+        field_name = spec.key[5:]
+        if metadata is None or field_name not in metadata:
+            raise BadSample("missing_label", f"no field {field_name!r} in .json")
+        value: Any = metadata[field_name]
+    else:
+        raw = parts.get(spec.key)
+        if raw is None:
+            raise BadSample("missing_label", f"no .{spec.key} part")
+        try:
+            value = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise BadSample("bad_label", str(e)) from None
+    if spec.names is not None:
+        if str(value) not in spec.names:
+            raise BadSample("bad_label", f"label {value!r} is not in data.label_map")
+        label = spec.names[str(value)]
+    elif isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise BadSample("bad_label", f"label {value!r} is not an integer (data.label_map maps names to classes)")
+    else:
+        label = int(value)
+    if not 0 <= label < spec.num_classes:
+        raise BadSample("bad_label", f"class {label} is outside [0, {spec.num_classes})")
+    return label
 
 
 def metadata_of(parts: dict[str, bytes]) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_pipeline.decode import BadSample, Transform, caption_of, decode_sample, metadata_of
+from data_pipeline.decode import BadSample, LabelSpec, Transform, caption_of, decode_sample, label_of, metadata_of
 from data_pipeline.latents import decode_sample_parts, decode_text_part
 from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import RetryPolicy, expand_urls
@@ -33,19 +33,25 @@ class Samples:
     skipped: Counter = field(default_factory=Counter)
     latents: torch.Tensor | None = None  # (N, C, h, w) posterior means of a latent cache
     text_contexts: torch.Tensor | None = None  # (N, L, D) a frozen text encoder's cached outputs
+    labels: torch.Tensor | None = None  # (N,) int64 class labels (data.label_key), for class conditioning
 
 
-def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_options: dict | None = None) -> Samples:
+def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_options: dict | None = None,
+                      labels: LabelSpec | None = None) -> Samples:
     """Every sample of a latent cache's shards in memory, in shard order (a mean-only or
-    deterministic posterior: the mode is what in-memory training uses)."""
-    means, captions, keys, contexts = [], [], [], []
+    deterministic posterior: the mode is what in-memory training uses); with ``labels``, each
+    sample's class (a sample without a valid one is skipped and counted)."""
+    means, captions, keys, contexts, classes = [], [], [], [], []
     skipped: Counter = Counter()
     tasks = [ShardTask(shard, url) for shard, url in enumerate(urls)]
     for task, item in read_samples(tasks, storage_options or {}, RetryPolicy(max_retries=2), skipped):
         try:
             mean, logvar = decode_sample_parts(item.parts)
             context = decode_text_part(item.parts)
-            caption = caption_of(item.parts, caption_key, metadata_of(item.parts))
+            meta = metadata_of(item.parts)
+            caption = caption_of(item.parts, caption_key, meta, required=labels is None)
+            if labels is not None:
+                classes.append(label_of(item.parts, labels, meta))
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue
@@ -60,14 +66,16 @@ def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_opti
         raise ValueError(f"no usable samples in the latent cache {urls[:3]} (skipped: {dict(skipped)})")
     text = torch.stack(contexts) if all(c is not None for c in contexts) else None
     return Samples(images=None, captions=captions, keys=keys, skipped=skipped, latents=torch.stack(means),
-                   text_contexts=text)
+                   text_contexts=text, labels=torch.tensor(classes, dtype=torch.int64) if labels is not None else None)
 
 
 def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str], caption_key: str,
-                storage_options: dict | None = None, caption_required: bool = True) -> Samples:
+                storage_options: dict | None = None, caption_required: bool = True,
+                labels: LabelSpec | None = None) -> Samples:
     """Read every sample of the shards into memory (center crops); bad samples are skipped and counted
-    by reason, with the same reader and decoder as the streaming pipeline."""
-    images, captions, keys = [], [], []
+    by reason, with the same reader and decoder as the streaming pipeline. With ``labels``, each
+    sample's class too (a missing or invalid label is a bad sample)."""
+    images, captions, keys, classes = [], [], [], []
     skipped: Counter = Counter()
     transform = Transform(crop="center")
     rng = np.random.default_rng(0)  # unused by center crops without flips
@@ -77,9 +85,12 @@ def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str]
             out = decode_sample(item.parts, image_keys=image_keys, caption_key=caption_key,
                                 image_size=image_size, transform=transform, rng=rng,
                                 caption_required=caption_required)
+            label = label_of(item.parts, labels, metadata_of(item.parts)) if labels is not None else None
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue
+        if label is not None:
+            classes.append(label)
         images.append(torch.from_numpy(out.example.image).permute(2, 0, 1))  # (3, S, S)
         captions.append(out.caption)
         keys.append(item.key)
@@ -87,7 +98,8 @@ def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str]
         raise ValueError(f"no usable samples in {urls!r} (skipped: {dict(skipped)})")
     if skipped:
         log.warning("skipped samples: %s", dict(skipped))
-    return Samples(images=torch.stack(images), captions=captions, keys=keys, skipped=skipped)
+    return Samples(images=torch.stack(images), captions=captions, keys=keys, skipped=skipped,
+                   labels=torch.tensor(classes, dtype=torch.int64) if labels is not None else None)
 
 
 class GlobalOrder:
@@ -139,6 +151,8 @@ class InMemoryBatches:
             idx = self.order.indices(first, self.micro_batch_size)
             batch = {"captions": [self.samples.captions[i] for i in idx.tolist()],
                      "positions": list(range(first, first + self.micro_batch_size))}
+            if self.samples.labels is not None:
+                batch["labels"] = self.samples.labels[torch.from_numpy(idx)]  # (B,) int64
             if self.samples.latents is not None:
                 batch["latent_mean"] = self.samples.latents[torch.from_numpy(idx)]
                 if self.samples.text_contexts is not None:

@@ -100,7 +100,11 @@ def encode_shard(index: int, url: str, out_url: str, data: DataConfig, pre: Prec
         except BadSample:  # unreadable metadata does not make the image unusable (as in training)
             meta = {}
         meta.update(original_size=list(out.example.original_size), crop_top_left=list(out.example.crop_top_left))
-        samples.append((item.key, meta, out.example.image, {"txt": out.caption.encode()}))
+        kept = {"txt": out.caption.encode()}
+        label_part = data.label_key if data.label_key and not data.label_key.startswith("json:") else None
+        if label_part in item.parts:  # a class label stored as its own member (cls) travels with the latent
+            kept[label_part] = item.parts[label_part]
+        samples.append((item.key, meta, out.example.image, kept))
     # Encode in batches of one shape (buckets), then write in the shard's order.
     latents: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     by_shape: dict[tuple, list[int]] = {}
@@ -165,6 +169,9 @@ def run_precompute(cfg: TrainConfig) -> dict[str, Any] | None:
                       buckets=buckets_of(cfg.data), store=pre.store, dtype=pre.dtype)
     encode_text, text = None, None
     if pre.text:
+        if parts.text_encoder is None:
+            raise ValueError(f"precompute.text=true caches the text encoder's outputs, but model.conditioning.cross_attn="
+                             f"{cfg.model.conditioning.cross_attn!r} builds none; allowed: precompute.text=false")
         if parts.text_encoder_trainable:
             raise ValueError("precompute.text=true caches a frozen text encoder's outputs, but model.text_encoder is "
                              "trained with the UNet (trainable=true); allowed: a frozen encoder (e.g. model=sd_v1, or "

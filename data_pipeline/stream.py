@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from data_pipeline.decode import BadSample, Filters, Transform, aspect_buckets, caption_of, decode_sample, metadata_of
+from data_pipeline.decode import (BadSample, Filters, LabelSpec, Transform, aspect_buckets, caption_of, decode_sample,
+                                  label_of, metadata_of)
 from data_pipeline.latents import cache_shard_urls, decode_sample_parts, decode_text_part
 from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, Position, SourceInfo, StreamCursor, SubCursor,
                                     default_streams, layouts_for, window_for, source_choices, stream_shards, window_order)
@@ -67,6 +68,7 @@ class StreamSpec:
     limits: MemberLimits = field(default_factory=MemberLimits)
     max_caption_chars: int = 0  # 0 = captions kept whole
     caption_required: bool = True  # False for jobs that never read captions (task=autoencoder)
+    labels: Optional[LabelSpec] = None  # class labels (data.label_key) for class-conditional jobs
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -316,15 +318,19 @@ class _Stream:
                             filters=spec.filters, buckets=spec.buckets, max_caption_chars=spec.max_caption_chars,
                             caption_required=spec.caption_required)
         ex = out.example
-        return {"bucket": (out.bucket,), "image": ex.image, "caption": out.caption,
+        label = label_of(ref.parts, spec.labels, metadata_of(ref.parts)) if spec.labels is not None else None
+        return {"bucket": (out.bucket,), "image": ex.image, "caption": out.caption, "label": label,
                 "original_size": ex.original_size, "crop_top_left": ex.crop_top_left}
 
     def _cached_example(self, ref: _Ref) -> dict[str, Any]:
         """A latent-cache sample (``data_pipeline.latents``): the posterior instead of pixels."""
         meta = metadata_of(ref.parts) or {}
-        caption = caption_of(ref.parts, self.spec.caption_key, meta, self.spec.max_caption_chars)
+        caption = caption_of(ref.parts, self.spec.caption_key, meta, self.spec.max_caption_chars,
+                             self.spec.caption_required)
+        label = label_of(ref.parts, self.spec.labels, meta) if self.spec.labels is not None else None
         mean, logvar = decode_sample_parts(ref.parts)
         return {"bucket": tuple(mean.shape), "latent_mean": mean, "latent_logvar": logvar, "caption": caption,
+                "label": label,
                 "text_context": decode_text_part(ref.parts),
                 "original_size": tuple(meta.get("original_size", (0, 0))),
                 "crop_top_left": tuple(meta.get("crop_top_left", (0, 0)))}
@@ -336,6 +342,8 @@ def collate(spec: StreamSpec, examples: list[dict[str, Any]]) -> dict[str, Any]:
         "ids": [e["id"] for e in examples], "positions": [e["position"] for e in examples],
         "original_size": torch.tensor([e["original_size"] for e in examples], dtype=torch.int64),
         "crop_top_left": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.int64)}
+    if spec.labels is not None:
+        batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.int64)  # (B,)
     if spec.latents:
         batch["latent_mean"] = torch.stack([e["latent_mean"] for e in examples])
         if all(e["latent_logvar"] is not None for e in examples):
@@ -420,7 +428,8 @@ def member_limits(data: Any) -> MemberLimits:
                         max_member_bytes=data.max_member_bytes)
 
 
-def spec_from_config(data: Any, batch_size: int, caption_required: bool = True) -> StreamSpec:
+def spec_from_config(data: Any, batch_size: int, caption_required: bool = True,
+                     labels: Optional[LabelSpec] = None) -> StreamSpec:
     """``StreamSpec`` from the trainer's ``DataConfig`` (``data.*``): URL patterns are expanded here."""
     s3 = data.s3
     extra = dict(data.storage_options or {})
@@ -454,7 +463,7 @@ def spec_from_config(data: Any, batch_size: int, caption_required: bool = True) 
         transform=Transform(crop=data.crop, flip_prob=data.flip_prob, max_pixels=data.max_pixels, draft=data.draft),
         filters=filters, buckets=buckets_of(data), s3=s3, storage_options=tuple(sorted(extra.items())),
         retry=data.retry, latents=bool(data.latent_cache), num_streams=data.num_streams, limits=member_limits(data),
-        max_caption_chars=data.max_caption_chars, caption_required=caption_required)
+        max_caption_chars=data.max_caption_chars, caption_required=caption_required, labels=labels)
 
 
 class StreamingBatches:

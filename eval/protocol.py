@@ -113,6 +113,31 @@ def protocol_prompts(cfg: EvalConfig, example_captions: Callable[[int], list[str
     return [p for p in base for _ in range(cfg.samples_per_prompt)], None
 
 
+def protocol_conditions(cfg: EvalConfig, cross_attn: str, num_classes: int = 0,
+                        example_captions: Callable[[int], list[str]] | None = None) -> tuple[list[Any], Optional[list[int]]]:
+    """What each sample of the protocol is conditioned on, and its digit labels (for scoring).
+
+    Text: ``protocol_prompts``. Class: class-balanced - every class equally often, in class order
+    (kind=digits and none: ``samples_per_prompt`` per class; text2img: ``num_samples``, a multiple of
+    the class count); the labels are the classes. Unconditional: None per sample (as many samples as
+    the text protocol of the same kind), no labels.
+    """
+    if cross_attn == "text":
+        return protocol_prompts(cfg, example_captions)
+    if cfg.kind == "text2img":
+        num = cfg.num_samples
+    else:
+        num = cfg.samples_per_prompt * (num_classes if cross_attn == "class" else len(DIGIT_NAMES))
+    if cross_attn == "none":
+        return [None] * num, None
+    if num % num_classes:
+        raise ValueError(f"eval.num_samples={num} is not a multiple of model.conditioning.num_classes="
+                         f"{num_classes}: class-balanced sampling draws every class equally often")
+    per_class = num // num_classes
+    labels = [c for c in range(num_classes) for _ in range(per_class)]
+    return labels, labels
+
+
 # ----------------------------------------------------------------------------- scorers
 
 
@@ -161,15 +186,17 @@ def load_reference(cfg: EvalConfig, extractor, *, resolution: int, default: Opti
 # ----------------------------------------------------------------------------- sampling
 
 
-def sampler_fn(unet, encode: Callable[[list[str]], torch.Tensor], first_stage, schedule, *,
+def sampler_fn(unet, encode: Callable[[list[Any]], Optional[torch.Tensor]], first_stage, schedule, *,
                latent_shape: tuple[int, int, int], sampler: str, num_steps: int,
-               device: torch.device | str) -> GenerateFn:
-    """``(prompts, seeds, guidance) -> uint8 (B, 3, H, W)`` around ``text_to_image`` (one batch per call)."""
+               device: torch.device | str, negative: Any = "") -> GenerateFn:
+    """``(conditions, seeds, guidance) -> uint8 (B, 3, H, W)`` around ``text_to_image`` (one batch per
+    call); ``negative`` is the unconditional branch's condition ("" or the null class)."""
 
-    def generate(prompts: list[str], seeds: list[int], guidance_scale: float) -> torch.Tensor:
+    def generate(prompts: list[Any], seeds: list[int], guidance_scale: float) -> torch.Tensor:
         images = text_to_image(unet, encode, first_stage, prompts, seeds, schedule=schedule,
                                latent_shape=latent_shape, sampler=sampler, num_steps=num_steps,
-                               guidance_scale=guidance_scale, batch_size=len(prompts), device=device)
+                               guidance_scale=guidance_scale, negative_prompt=negative, batch_size=len(prompts),
+                               device=device)
         return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
 
     return generate

@@ -33,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.demo_digits import read_digits_manifest
 from eval.config import EvalConfig
-from eval.protocol import (build_scorers, format_table, load_reference, protocol_prompts, results_record,
+from eval.protocol import (build_scorers, format_table, load_reference, protocol_conditions, results_record,
                            run_protocol, sampler_fn, write_record)
 from trainer.cli import unknown_key_message
 from trainer.inference import check_text_to_image, load_for_inference, resolve_checkpoint, train_config_of
@@ -130,7 +130,13 @@ class Evaluator:
             digits = read_digits_manifest(run_cfg.data.root)
         if self.cfg.kind == "digits" and digits is None:
             raise ValueError("eval.kind='digits' needs a run trained on data.kind='digits'")
-        self.prompts, self.labels = protocol_prompts(self.cfg, None)
+        cond = run_cfg.model.conditioning
+        if cond.cross_attn == "none" and any(g != 1.0 for g in self.cfg.guidance_scales):
+            raise ValueError(f"eval.guidance_scales={self.cfg.guidance_scales}: the run's model is unconditional "
+                             f"(model.conditioning.cross_attn='none'); allowed: [1.0]")
+        # Class models: class-balanced sampling, every class equally often.
+        self.prompts, self.labels = protocol_conditions(self.cfg, cond.cross_attn, cond.num_classes, None)
+        self.negative = cond.null_class if cond.cross_attn == "class" else ""
         self.scorers = build_scorers(self.cfg, digit_classifier_path=str(digits.classifier_path) if digits else None,
                                      device=device)
         self.reference, self.reference_info = None, None
@@ -143,7 +149,8 @@ class Evaluator:
         model = load_for_inference(checkpoint, use_ema=self.cfg.use_ema, device=self.device)
         generate = sampler_fn(model.unet, model.encode_fn(self.device), model.first_stage, model.schedule,
                               latent_shape=model.cfg.model.latent_shape(self.resolution),
-                              sampler=self.cfg.sampler, num_steps=self.cfg.num_steps, device=self.device)
+                              sampler=self.cfg.sampler, num_steps=self.cfg.num_steps, device=self.device,
+                              negative=self.negative)
         result = run_protocol(self.cfg, generate, self.prompts, scorers=self.scorers,
                               reference_stats=self.reference, labels=self.labels, rank=self.env.rank,
                               world_size=self.env.world_size, gather=distributed.all_gather_object)

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
 from data_pipeline.config import DataConfig, PrecomputeConfig
+from data_pipeline.decode import read_label_map
+from data_pipeline.demo_digits import DIGIT_NAMES
 from eval.config import EvalConfig
 from trainer.autoencoder_loss import AutoencoderLossConfig
 from trainer.checks import invalid
 from trainer.diffusion.config import DiffusionConfig
 from trainer.loop import TrainLoopConfig
+from trainer.models.conditioning import ConditioningConfig
 from trainer.models.config import ModelConfig
 from trainer.runtime.checkpoint import CheckpointConfig
 from trainer.runtime.distributed import DistConfig
@@ -63,6 +66,8 @@ class TrainConfig:
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ValueError(f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
                              f"train.micro_batch_size={self.train.micro_batch_size}")
+        if self.task == "diffusion":
+            self._check_conditioning()
         if self.eval.kind == "digits" and self.data.kind != "digits":
             raise ValueError(f"eval.kind='digits' scores samples with the digits classifier, which needs "
                              f"data.kind='digits' (got {self.data.kind!r}); allowed: eval.kind='none'")
@@ -84,6 +89,26 @@ class TrainConfig:
             raise invalid("data.buckets.step", self.data.buckets.step,
                           f"a multiple of {multiple} (every bucket side must be a multiple of the first stage's "
                           f"factor times the UNet's downsampling, see data.image_size)")
+
+    def _check_conditioning(self) -> None:
+        """What a class-conditional or unconditional job needs from the data and the eval protocol."""
+        cond = self.model.conditioning
+        if cond.cross_attn == "class":
+            if self.data.label_key is None:
+                raise invalid("data.label_key", None, "where each sample's class is (a part such as cls, or "
+                              "json:<field>, e.g. json:digit for the digits) when model.conditioning.cross_attn='class'")
+            if self.data.label_map:
+                read_label_map(self.data.label_map, cond.num_classes)  # a class outside the range fails here
+            if self.eval.kind == "digits" and cond.num_classes != len(DIGIT_NAMES):
+                raise ValueError(f"eval.kind='digits' asks for each digit: model.conditioning.num_classes="
+                                 f"{cond.num_classes} must be {len(DIGIT_NAMES)} (one class per digit)")
+        if cond.cross_attn != "text" and self.eval.clip_weights:
+            raise invalid("eval.clip_weights", self.eval.clip_weights,
+                          f"null: the CLIP score compares images with prompts, and model.conditioning.cross_attn="
+                          f"{cond.cross_attn!r} has none")
+        if cond.cross_attn == "none" and any(g != 1.0 for g in self.eval.guidance_scales):
+            raise invalid("eval.guidance_scales", list(self.eval.guidance_scales),
+                          "[1.0]: an unconditional model (model.conditioning.cross_attn='none') has nothing to guide by")
 
     def _check_autoencoder_task(self) -> None:
         if self.model.autoencoder.kind != "kl":
@@ -113,9 +138,33 @@ IDENTITY_GROUPS = ("model", "diffusion")
 START_ONLY_KEYS = ("model.init_from", "model.init_from_ema")
 
 
+# Keys added to the identity groups after runs existed, with the value those runs had: left out of the
+# fingerprint while they hold it, so the checkpoints of those runs still resume (and keep their hash).
+ADDED_IDENTITY_DEFAULTS = {("model", "conditioning"): asdict(ConditioningConfig())}
+
+
+def _identity_payload(config: dict) -> dict:
+    payload = {k: config.get(k) for k in IDENTITY_GROUPS}
+    for (group, key), default in ADDED_IDENTITY_DEFAULTS.items():
+        section = payload.get(group)
+        if isinstance(section, dict) and section.get(key) == default:
+            payload[group] = {k: v for k, v in section.items() if k != key}
+    return payload
+
+
+def _with_added_defaults(config: dict) -> dict:
+    """The identity groups with the keys added since a run was saved filled in with the value it had."""
+    payload = {k: config.get(k) for k in IDENTITY_GROUPS}
+    for (group, key), default in ADDED_IDENTITY_DEFAULTS.items():
+        section = payload.get(group)
+        if isinstance(section, dict) and key not in section:
+            payload[group] = {**section, key: default}
+    return payload
+
+
 def config_fingerprint(config: dict) -> str:
     """sha256 over the identity groups of a resolved config (as plain containers)."""
-    payload = {k: config.get(k) for k in IDENTITY_GROUPS}
+    payload = _identity_payload(config)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -135,8 +184,9 @@ def check_compatible(state: dict[str, Any], config: dict, *, allow_change: bool)
     if state.get("config_fingerprint") == config_fingerprint(config) or allow_change:
         return
     diffs = []
+    old, new = _with_added_defaults(state["config"]), _with_added_defaults(config)
     for group in IDENTITY_GROUPS:
-        diffs += config_differences(state["config"].get(group), config.get(group), group)
+        diffs += config_differences(old.get(group), new.get(group), group)
     diffs = [d for d in diffs if d.partition(":")[0] not in START_ONLY_KEYS]
     if not diffs:  # only keys that choose the starting weights differ (or were added since): same model
         return

@@ -19,6 +19,7 @@ backward needs (torch's non-reentrant checkpoint stops early, so a block's last 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from trainer.models.autoencoder import AutoencoderConfig
 from trainer.models.text_encoders import TextEncoderConfig, open_clip_model_config
@@ -104,8 +105,18 @@ def _unet_resblock(c_in: int, c_out: int, emb: int, pixels: int, checkpointed: b
     return flops.checkpointed(checkpointed, last)
 
 
+def _unet_self_attention(cfg: UNetConfig, channels: int, pixels: int, checkpointed: bool) -> Flops:
+    """The unconditional UNet's ``AttentionBlock``: qkv, attention over the pixels, proj_out."""
+    heads, dim_head = cfg.heads_and_dim(channels)
+    proj_out = _matmul(pixels, channels, channels)
+    flops = _matmul(pixels, channels, 3 * channels) + _attention(pixels, pixels, heads, dim_head) + proj_out
+    return flops.checkpointed(checkpointed, proj_out)
+
+
 def _unet_transformer(cfg: UNetConfig, channels: int, pixels: int, context_len: int, context_grad: bool,
                       checkpointed: bool) -> Flops:
+    if cfg.context_dim is None:
+        return _unet_self_attention(cfg, channels, pixels, checkpointed)
     heads, dim_head = cfg.heads_and_dim(channels)
     inner = heads * dim_head
     proj_out = _matmul(pixels, inner, channels)
@@ -276,17 +287,23 @@ class TrainingFlops:
         return self.unet + self.text_encoder + self.first_stage
 
 
-def diffusion_training_flops(unet: UNetConfig, text_encoder: TextEncoderConfig, autoencoder: AutoencoderConfig,
+def diffusion_training_flops(unet: UNetConfig, text_encoder: Optional[TextEncoderConfig], autoencoder: AutoencoderConfig,
                              height: int, width: int | None = None, *, cached_latents: bool, cached_text: bool = False,
                              checkpointing: str = "none") -> TrainingFlops:
     """One sample of a text-to-image training step on a ``height x width`` image (``width`` defaults to
     ``height``): the UNet forward and backward, the text encoder (forward and backward when trained
     jointly, forward when frozen, nothing when its outputs are cached) and the first stage's encoder
-    (nothing when training from a latent cache)."""
+    (nothing when training from a latent cache). ``text_encoder=None``: a class-conditional (one
+    context token from an embedding lookup) or unconditional UNet (``unet.context_dim=None``)."""
     width = height if width is None else width
     f = autoencoder.downsample_factor
     if height % f or width % f:
         raise ValueError(f"image {height}x{width} is not divisible by the first stage's downsampling {f}")
+    if text_encoder is None:
+        u = unet_flops(unet, height // f, width // f, 0 if unet.context_dim is None else 1,
+                       checkpointing=checkpointing)
+        first = Flops() if cached_latents else first_stage_flops(autoencoder, height, width)[0]
+        return TrainingFlops(unet=u, text_encoder=Flops(), first_stage=first)
     text_grad = text_encoder.kind == "ldm_bert" and text_encoder.trainable
     u = unet_flops(unet, height // f, width // f, text_encoder.max_length, context_grad=text_grad,
                    checkpointing=checkpointing)

@@ -14,7 +14,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import fsspec
 import torch
@@ -35,17 +35,29 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     cfg: Any  # TrainConfig of the run
     unet: nn.Module
-    text_encoder: nn.Module
+    text_encoder: Optional[nn.Module]  # text conditioning only
     tokenizer: Any
     first_stage: nn.Module
     schedule: Any  # NoiseSchedule
     source: dict[str, Any]  # checkpoint URL, tag, step, weights
+    class_embedder: Optional[nn.Module] = None  # class conditioning only
+
+    @property
+    def cross_attn(self) -> str:
+        return self.cfg.model.conditioning.cross_attn
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return self.cfg.model.latent_shape(self.cfg.data.image_size)
 
-    def encode_fn(self, device: torch.device | str = "cpu") -> Callable[[list[str]], torch.Tensor]:
+    def encode_fn(self, device: torch.device | str = "cpu") -> Callable[[list[Any]], Optional[torch.Tensor]]:
+        """Conditions -> the UNet's context: prompts through the text encoder, class labels through
+        the class embedder, or None for an unconditional model."""
+        if self.class_embedder is not None:
+            return lambda labels: self.class_embedder(torch.tensor(labels, dtype=torch.int64, device=device))
+        if self.text_encoder is None:
+            return lambda conditions: None
+
         def encode(prompts: list[str]) -> torch.Tensor:
             return self.text_encoder(self.tokenizer(prompts).to(device))
 
@@ -124,6 +136,15 @@ def trained_weights(point: ResumePoint, use_ema: bool) -> dict[str, torch.Tensor
     return {k: v.float() for k, v in weights.items()}
 
 
+def run_config(checkpoint: str) -> TrainConfig:
+    """The ``TrainConfig`` of the run a checkpoint belongs to, from its ``trainer_state.json`` only (no
+    weight is read): what a command checks its request against before loading the model."""
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        point = resolve_checkpoint(checkpoint, tmp, files=())
+        check_text_to_image(point, checkpoint)
+    return train_config_of(point.state)
+
+
 def load_for_inference(checkpoint: str, *, use_ema: bool = True, device: torch.device | str = "cpu",
                        work_dir: str | Path | None = None) -> LoadedModel:
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
@@ -133,10 +154,12 @@ def load_for_inference(checkpoint: str, *, use_ema: bool = True, device: torch.d
     cfg = train_config_of(point.state)
     parts = build_networks(cfg.model, cfg.train.seed)
     load_trained_weights(parts.unet, parts.text_encoder, weights, text_trainable=parts.text_encoder_trainable,
-                         what=f"checkpoint {point.tag}")
-    for module in (parts.unet, parts.text_encoder, parts.first_stage):
-        module.to(device).eval().requires_grad_(False)
+                         what=f"checkpoint {point.tag}", class_embedder=parts.class_embedder)
+    for module in (parts.unet, parts.text_encoder, parts.first_stage, parts.class_embedder):
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
     source = {"checkpoint": checkpoint, "tag": point.tag, "step": int(point.state["step"]),
               "weights": "ema" if use_ema else "trained"}
     return LoadedModel(cfg=cfg, unet=parts.unet, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                       first_stage=parts.first_stage, schedule=build_diffusion(cfg.diffusion).schedule, source=source)
+                       first_stage=parts.first_stage, schedule=build_diffusion(cfg.diffusion).schedule, source=source,
+                       class_embedder=parts.class_embedder)

@@ -56,9 +56,12 @@ def _gib(num_bytes: float) -> str:
 
 def render_plan(cfg: PlanConfig) -> str:
     parts = build_components(cfg.model, device="meta")
-    rows = [("unet", parts.unet, True),
-            ("text_encoder", parts.text_encoder, parts.text_encoder_trainable),
-            ("first_stage", parts.first_stage, False)]
+    rows = [("unet", parts.unet, True)]
+    if parts.text_encoder is not None:
+        rows.append(("text_encoder", parts.text_encoder, parts.text_encoder_trainable))
+    if parts.class_embedder is not None:
+        rows.append(("class_embedder", parts.class_embedder, True))
+    rows.append(("first_stage", parts.first_stage, False))
     lines = [f"model preset: {cfg.model.name}", "",
              f"{'component':<14}{'parameters':>16}  trainable"]
     num_trainable = num_frozen = 0
@@ -71,7 +74,7 @@ def render_plan(cfg: PlanConfig) -> str:
             num_frozen += n
     lines += [f"{'total':<14}{num_trainable + num_frozen:>16,}",
               f"{'trainable':<14}{num_trainable:>16,}", ""]
-    if cfg.model.text_encoder.kind == "ldm_bert":
+    if cfg.model.uses_text and cfg.model.text_encoder.kind == "ldm_bert":
         # CompVis (x-transformers) and diffusers' LDMBertModel also build a vocab-size logits head that
         # the diffusion model never uses; we do not build it.
         head = cfg.model.text_encoder.width * cfg.model.text_encoder.vocab_size + cfg.model.text_encoder.vocab_size
@@ -94,7 +97,7 @@ def render_plan(cfg: PlanConfig) -> str:
 def render_flops(cfg: PlanConfig) -> list[str]:
     """Training FLOPs per image by component and the images/s per GPU at ``cfg.mfu``."""
     m = cfg.model
-    flops = diffusion_training_flops(m.unet, m.text_encoder, m.autoencoder, cfg.image_size,
+    flops = diffusion_training_flops(m.unet, m.text_encoder if m.uses_text else None, m.autoencoder, cfg.image_size,
                                      cached_latents=cfg.cached_latents, cached_text=cfg.cached_text,
                                      checkpointing=cfg.activation_checkpointing)
     h, w = m.latent_shape(cfg.image_size)[1:]

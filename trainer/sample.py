@@ -1,6 +1,7 @@
 """``python -m trainer.sample checkpoint=<...> prompt="..." out=<dir> [n=4 sampler=ddim steps=50 guidance=7.5 seed=0]``
 
-Text -> images from any checkpoint of a run, on one machine (CPU or one GPU): EMA weights by
+Text -> images (or, for a class-conditional run, ``classes=3`` / ``classes=[1,5]`` / ``classes=random``;
+for an unconditional run, no condition at all) from any checkpoint of a run, on one machine (CPU or one GPU): EMA weights by
 default, sharded DeepSpeed checkpoints of any ZeRO stage consolidated on the CPU. Writes one PNG per
 image, ``grid.png`` and ``samples.json`` (the settings and seed of every image); image ``i`` (the
 file ``{i:05d}.png``; image ``j`` of prompt ``p`` is ``i = p * n + j``) uses seed ``seed + i``, so it
@@ -13,15 +14,18 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+import numpy as np
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from trainer.checks import is_int
 from trainer.cli import CLI_CONF_DIR, hydra_command, run_cli
 from trainer.images import atomic_write_bytes, make_grid, save_png, to_uint8
-from trainer.inference import load_for_inference
+from trainer.inference import load_for_inference, run_config
 from trainer.runtime.device import check_device, select_device
 from trainer.sampling.pipeline import text_to_image
 from trainer.sampling.samplers import SAMPLERS
@@ -34,7 +38,10 @@ class SampleConfig:
     checkpoint: str = "???"
     prompt: Optional[str] = None
     prompts_file: Optional[str] = None
-    n: int = 4  # images per prompt
+    # A class-conditional run's classes: one (3), several ([1, 5]) or "random" (each image a class drawn
+    # with `seed`). Named `classes`, not `class`: a Python keyword cannot be a config field.
+    classes: Optional[Any] = None
+    n: int = 4  # images per prompt (per class; with classes=random, images in all)
     sampler: str = "ddim"
     steps: int = 50
     guidance: float = 7.5
@@ -47,8 +54,12 @@ class SampleConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.prompts_file is None):
+        if self.prompt is not None and self.prompts_file is not None:
             raise ValueError("give exactly one of prompt=\"...\" and prompts_file=<path>")
+        if self.classes is not None and (self.prompt is not None or self.prompts_file is not None):
+            raise ValueError("classes=... asks a class-conditional model, prompt=/prompts_file= a text model: give one")
+        if self.classes is not None:
+            self.classes = _class_list(self.classes)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler={self.sampler!r} is invalid; allowed: {tuple(SAMPLERS)}")
         for key, minimum in (("n", 1), ("steps", 1), ("batch_size", 1), ("seed", 0)):
@@ -60,6 +71,55 @@ class SampleConfig:
 
 
 ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+
+
+def _class_list(value: Any) -> Any:
+    """``classes``: "random", or a list of class indices (one int is a list of one)."""
+    if value == "random":
+        return value
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items or not all(is_int(v, 0) for v in items):
+        raise ValueError(f"classes={value!r} is invalid; allowed: a class index (classes=3), a list of them "
+                         f"(classes=[1,5]) or classes=random")
+    return [int(v) for v in items]
+
+
+def read_conditions(cfg: SampleConfig, run_cfg) -> tuple[list[Any], Any]:
+    """What each image is conditioned on (``n`` per prompt / class) and the unconditional branch's
+    condition, checked against the run's conditioning (``model.conditioning.cross_attn``) before any
+    weight is loaded."""
+    cond = run_cfg.model.conditioning
+    if cond.cross_attn == "class":
+        if cfg.prompt is not None or cfg.prompts_file is not None:
+            raise ValueError(f"prompt=/prompts_file=: checkpoint={cfg.checkpoint!r} is a class-conditional model "
+                             f"(model.conditioning.cross_attn='class', {cond.num_classes} classes); give classes=<0.."
+                             f"{cond.num_classes - 1}>, classes=[...] or classes=random")
+        if cfg.classes is None:
+            raise ValueError(f"classes=... is missing: checkpoint={cfg.checkpoint!r} is a class-conditional model "
+                             f"({cond.num_classes} classes); give classes=3, classes=[1,5] or classes=random")
+        if cfg.classes == "random":
+            rng = np.random.default_rng(cfg.seed)
+            return [int(c) for c in rng.integers(0, cond.num_classes, size=cfg.n)], cond.null_class
+        bad = [c for c in cfg.classes if c >= cond.num_classes]
+        if bad:
+            raise ValueError(f"classes={cfg.classes} has {bad}, outside the model's classes 0..{cond.num_classes - 1} "
+                             f"(model.conditioning.num_classes={cond.num_classes})")
+        return [c for c in cfg.classes for _ in range(cfg.n)], cond.null_class
+    if cfg.classes is not None:
+        raise ValueError(f"classes={cfg.classes}: checkpoint={cfg.checkpoint!r} is not a class-conditional model "
+                         f"(model.conditioning.cross_attn={cond.cross_attn!r}); "
+                         + ("give prompt=\"...\" or prompts_file=<path>" if cond.cross_attn == "text" else
+                            "an unconditional model takes no condition"))
+    if cond.cross_attn == "none":
+        if cfg.prompt is not None or cfg.prompts_file is not None:
+            raise ValueError(f"prompt=/prompts_file=: checkpoint={cfg.checkpoint!r} is an unconditional model "
+                             f"(model.conditioning.cross_attn='none'); it takes no prompt (n=<images>)")
+        if cfg.guidance != 1.0:
+            log.info("guidance=%s ignored: an unconditional model has no conditional branch", cfg.guidance)
+        return [None] * cfg.n, None
+    if cfg.prompt is None and cfg.prompts_file is None:
+        raise ValueError("give exactly one of prompt=\"...\" and prompts_file=<path>")
+    return [p for p in read_prompts(cfg) for _ in range(cfg.n)], cfg.negative_prompt
 
 
 def read_prompts(cfg: SampleConfig) -> list[str]:
@@ -85,20 +145,22 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
 
 def sample(cfg: SampleConfig) -> Path:
     """Draw the images and write them; returns the output folder."""
-    prompts = read_prompts(cfg)  # bad input fails before the model is loaded
+    if cfg.prompts_file is not None or cfg.prompt is not None:
+        read_prompts(cfg)  # bad input fails before the checkpoint is read
     out = Path(cfg.out)
     if (out / "samples.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"out={cfg.out!r} already holds samples.json; choose another folder or overwrite=true")
+    all_prompts, negative = read_conditions(cfg, run_config(cfg.checkpoint))  # before any weight is loaded
+    guidance = 1.0 if all(p is None for p in all_prompts) else cfg.guidance
     device = select_device(cfg.device, "device")
     model = load_for_inference(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
-    all_prompts = [p for p in prompts for _ in range(cfg.n)]
     seeds = [cfg.seed + i for i in range(len(all_prompts))]
-    log.info("sampling %d images (%d prompts x %d) from %s (%s, step %d) with %s, %d steps, guidance %s",
-             len(all_prompts), len(prompts), cfg.n, model.source["tag"], model.source["weights"],
-             model.source["step"], cfg.sampler, cfg.steps, cfg.guidance)
+    log.info("sampling %d images from %s (%s, step %d) with %s, %d steps, guidance %s",
+             len(all_prompts), model.source["tag"], model.source["weights"],
+             model.source["step"], cfg.sampler, cfg.steps, guidance)
     images = text_to_image(model.unet, model.encode_fn(device), model.first_stage, all_prompts, seeds,
                            schedule=model.schedule, latent_shape=model.latent_shape, sampler=cfg.sampler,
-                           num_steps=cfg.steps, guidance_scale=cfg.guidance, negative_prompt=cfg.negative_prompt,
+                           num_steps=cfg.steps, guidance_scale=guidance, negative_prompt=negative,
                            batch_size=cfg.batch_size, device=device)
     out.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images)  # (N, H, W, 3)
@@ -106,7 +168,8 @@ def sample(cfg: SampleConfig) -> Path:
     for i, (prompt, seed) in enumerate(zip(all_prompts, seeds)):
         name = f"{i:05d}.png"
         save_png(pixels[i], out / name)
-        records.append({"file": name, "prompt": prompt, "seed": seed})
+        key = "prompt" if isinstance(prompt, str) or prompt is None else "class"
+        records.append({"file": name, key: prompt, "seed": seed})
     save_png(make_grid(images, nrow=cfg.n), out / "grid.png")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}
     meta = {"settings": settings, "model": model.source, "image_size": model.cfg.data.image_size, "images": records}

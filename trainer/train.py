@@ -106,7 +106,9 @@ def train(cfg: TrainConfig, config_dict: dict[str, Any], env: distributed.DistEn
     load_universal = point is not None and needs_universal(point.state, env.world_size)
     batches, digits = build_batches(cfg.data, micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation=accum,
                                     rank=env.rank, world_size=env.world_size, pin_memory=device.type == "cuda",
-                                    caption_required=TASKS[cfg.task].uses_captions)
+                                    caption_required=TASKS[cfg.task].uses_captions and cfg.model.uses_text,
+                                    num_classes=cfg.model.conditioning.num_classes
+                                    if cfg.task == "diffusion" and cfg.model.conditioning.cross_attn == "class" else 0)
 
     def make_engine(module: nn.Module):
         return initialize(module, {"model": module}, ds=cfg.deepspeed, optim=cfg.optim,

@@ -83,6 +83,16 @@ def drop_conditions(prompts: list[str], p: float, generator: Generator = None) -
     return ["" if d else prompt for prompt, d in zip(prompts, drop.tolist())]
 
 
+def drop_labels(labels: torch.Tensor, null_class: int, p: float, generator: Generator = None) -> torch.Tensor:
+    """Class-label ``drop_conditions``: each label (B,) becomes ``null_class`` with probability ``p``,
+    so the class embedder's null row learns the unconditional model (classifier-free guidance, Ho &
+    Salimans 2022). Draws the same uniforms as ``drop_conditions`` for the same generator state."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p={p!r} is invalid; allowed: a probability in [0, 1]")
+    drop = _rand((labels.shape[0],), generator, labels.device) < p  # (B,)
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
 def drop_context(context: torch.Tensor, uncond_context: torch.Tensor, p: float,
                  generator: Generator = None) -> torch.Tensor:
     """Tensor-level ``drop_conditions`` for cached text embeddings: each row of ``context``

@@ -178,3 +178,31 @@ class SpatialTransformer(nn.Module):
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         h = h.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return x + self.proj_out(h)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the pixels of a feature map, without context: the attention of CompVis'
+    unconditional UNets (``ldm/modules/diffusionmodules/openaimodel.py`` ``AttentionBlock`` with
+    ``QKVAttentionLegacy``, the default ``use_new_attention_order=False``), built where a conditional
+    UNet has a ``SpatialTransformer``. Parameters: ``norm``, ``qkv`` (a 1x1 conv1d to 3C channels,
+    head-major: head ``h`` owns rows ``[3 h D, 3 (h+1) D)`` as its q, k, v), ``proj_out`` (starts at
+    zero, so the block starts as the identity)."""
+
+    def __init__(self, channels: int, num_heads: int, norm_num_groups: int = 32) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = GroupNorm32(norm_num_groups, channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        for p in self.proj_out.parameters():
+            p.detach().zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape  # (B, C, H, W)
+        flat = x.reshape(batch, channels, height * width)  # (B, C, T)
+        qkv = self.qkv(self.norm(flat))  # (B, 3C, T)
+        dim_head = channels // self.num_heads
+        q, k, v = qkv.reshape(batch, self.num_heads, 3 * dim_head, -1).transpose(2, 3).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D)
+        out = out.transpose(2, 3).reshape(batch, channels, height * width)  # (B, C, T)
+        return (flat + self.proj_out(out)).reshape(batch, channels, height, width)

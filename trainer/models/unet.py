@@ -1,4 +1,5 @@
-"""The text-conditional UNet of latent diffusion (Rombach et al., CVPR 2022, Sec. 3.3 and App. E).
+"""The UNet of latent diffusion (Rombach et al., CVPR 2022, Sec. 3.3 and App. E): conditional
+through cross-attention, or unconditional (``context_dim=None``).
 
 Architecture and parameter names follow CompVis ``ldm/modules/diffusionmodules/openaimodel.py``
 (``UNetModel`` with ``use_spatial_transformer=True``, ``legacy=False``), so CompVis and Stable
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.attention import GroupNorm32, SpatialTransformer
+from trainer.models.attention import AttentionBlock, GroupNorm32, SpatialTransformer
 
 @dataclass
 class UNetConfig:
@@ -26,7 +27,10 @@ class UNetConfig:
     at each level) whose blocks get a ``SpatialTransformer``, as in CompVis. Heads are set by exactly
     one of ``num_heads`` (fixed count; SD v1) or ``num_head_channels`` (fixed width, count =
     channels // width; SD v2); the other must be -1. ``dropout`` acts in ResBlocks only: CompVis
-    passes none to its transformers. Activation checkpointing is applied from outside the model, per
+    passes none to its transformers. ``context_dim=None`` builds the unconditional UNet: each
+    attention resolution gets a self-attention ``AttentionBlock`` instead of a ``SpatialTransformer``
+    (CompVis ``use_spatial_transformer=False``; ``transformer_depth`` and ``use_linear_in_transformer``
+    are then unused). Activation checkpointing is applied from outside the model, per
     block kind of ``CHECKPOINT_BLOCKS`` (``trainer.runtime.engine.apply_activation_checkpointing``).
     """
 
@@ -39,7 +43,7 @@ class UNetConfig:
     num_heads: int = 8
     num_head_channels: int = -1
     transformer_depth: int = 1
-    context_dim: int = 768
+    context_dim: Optional[int] = 768
     use_linear_in_transformer: bool = False
     dropout: float = 0.0
     norm_num_groups: int = 32
@@ -51,6 +55,8 @@ class UNetConfig:
         for key in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
                     "transformer_depth", "context_dim", "norm_num_groups"):
             value = getattr(self, key)
+            if value is None and key == "context_dim":  # unconditional: no cross-attention
+                continue
             if value <= 0:
                 raise ValueError(f"unet.{key}={value} must be a positive integer")
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
@@ -176,7 +182,7 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """Sequential that hands the timestep embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -188,7 +194,8 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """``forward(x (B, C_in, H, W), timesteps (B,), context (B, L, context_dim)) -> (B, C_out, H, W)``.
+    """``forward(x (B, C_in, H, W), timesteps (B,), context (B, L, context_dim)) -> (B, C_out, H, W)``;
+    ``context`` is None for an unconditional UNet (``context_dim=None``).
 
     H and W must be divisible by ``2 ** (len(channel_mult) - 1)`` so that skips line up.
     """
@@ -203,8 +210,10 @@ class UNetModel(nn.Module):
             nn.Linear(cfg.model_channels, time_embed_dim), nn.SiLU(),
             nn.Linear(time_embed_dim, time_embed_dim))
 
-        def transformer(channels: int) -> SpatialTransformer:
+        def transformer(channels: int) -> nn.Module:
             heads, dim_head = cfg.heads_and_dim(channels)
+            if cfg.context_dim is None:
+                return AttentionBlock(channels, heads, norm_num_groups=groups)
             return SpatialTransformer(channels, heads, dim_head, cfg.context_dim,
                                       depth=cfg.transformer_depth,
                                       use_linear=cfg.use_linear_in_transformer,
@@ -249,7 +258,7 @@ class UNetModel(nn.Module):
         for p in self.out[2].parameters():
             p.detach().zero_()
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         factor = 2 ** (len(self.cfg.channel_mult) - 1)
         if x.ndim != 4 or x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {self.cfg.in_channels}, H, W) "

@@ -1,8 +1,9 @@
-"""The text-to-image latent diffusion job (``task=diffusion``, the default): the paper's LDM.
+"""The latent diffusion job (``task=diffusion``, the default): the paper's LDM, conditioned as
+``model.conditioning`` says - on text (the default), on a class label, or on nothing.
 
-The UNet (and, for the paper's 1.45B model, the text transformer trained jointly) is the one DeepSpeed
-engine; the first stage and a frozen text encoder stay outside it. Each micro-batch: caption dropout,
-the latents (cached posteriors or encoded images; a posterior sample), then the objective's timesteps
+The UNet (with the paper's 1.45B model's jointly trained text transformer, or a class embedder) is
+the one DeepSpeed engine; the first stage and a frozen text encoder stay outside it. Each
+micro-batch: condition dropout (captions -> "", class labels -> the null class), the latents (cached posteriors or encoded images; a posterior sample), then the objective's timesteps
 and noise - every draw from the sample's own generator, keyed by its global position in the data,
 so a resumed run on any world size sees the same numbers. Evaluation samples the eval protocol with
 the EMA (or live) weights on every rank.
@@ -18,12 +19,13 @@ from torch import nn
 
 from data_pipeline.demo_digits import DigitsDatasetInfo
 from eval.config import EvalConfig
-from eval.protocol import (EvalFailed, build_scorers, load_reference, protocol_prompts, results_record,
+from eval.protocol import (EvalFailed, build_scorers, load_reference, protocol_conditions, results_record,
                            run_protocol, sampler_fn, scalar_logs, write_record)
-from trainer.diffusion import DiffusionConfig, SampleGenerators, build_diffusion, drop_conditions
+from trainer.diffusion import DiffusionConfig, SampleGenerators, build_diffusion, drop_conditions, drop_labels
 from trainer.flops import diffusion_training_flops
 from trainer.interchange import build_networks
 from trainer.models.autoencoder import DiagonalGaussianDistribution
+from trainer.models.conditioning import ClassEmbedder
 from trainer.models.config import ModelConfig
 from trainer.models.text_encoders import build_text_encoder
 from trainer.models.unet import UNetModel
@@ -38,30 +40,52 @@ log = logging.getLogger("trainer")
 
 
 class DiffusionTrainModule(nn.Module):
-    """What DeepSpeed wraps: the UNet and, when it is trained jointly (the paper's 1.45B model),
-    the text transformer. ``cond`` is token ids then, else precomputed hidden states. Its attribute
-    names are the ``unet.`` / ``text_encoder.`` prefixes of the saved weights."""
+    """What DeepSpeed wraps: the UNet and what is trained with it - the text transformer when it is
+    trained jointly (the paper's 1.45B model; ``cond`` is token ids then), or the class embedder
+    (``cond`` is class labels (B,)). Otherwise ``cond`` is precomputed hidden states, or None for an
+    unconditional UNet. Its attribute names are the ``unet.`` / ``text_encoder.`` / ``class_embedder.``
+    prefixes of the saved weights."""
 
-    def __init__(self, unet: nn.Module, text_encoder: Optional[nn.Module]) -> None:
+    def __init__(self, unet: nn.Module, text_encoder: Optional[nn.Module],
+                 class_embedder: Optional[ClassEmbedder] = None) -> None:
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        if class_embedder is not None:  # not even a None attribute otherwise: text models' names unchanged
+            self.class_embedder = class_embedder
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        context = self.text_encoder(cond) if self.text_encoder is not None else cond  # (B, L, D)
-        return self.unet(x_t, t, context.to(x_t.dtype))  # (B, C, h, w)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        if hasattr(self, "class_embedder"):
+            context = self.class_embedder(cond)  # (B, 1, D)
+        elif self.text_encoder is not None:
+            context = self.text_encoder(cond)  # (B, L, D)
+        else:
+            context = cond  # (B, L, D) hidden states, or None (unconditional)
+        return self.unet(x_t, t, None if context is None else context.to(x_t.dtype))  # (B, C, h, w)
 
 
-def load_trained_weights(unet: nn.Module, text_encoder: nn.Module, weights: dict[str, torch.Tensor], *,
-                         text_trainable: bool, what: str) -> None:
-    """Copy the ``unet.*`` / ``text_encoder.*`` tensors of ``weights`` (names of ``DiffusionTrainModule``:
-    EMA or consolidated live weights) into whole, unpartitioned networks."""
+def load_trained_weights(unet: nn.Module, text_encoder: Optional[nn.Module], weights: dict[str, torch.Tensor], *,
+                         text_trainable: bool, what: str, class_embedder: Optional[nn.Module] = None) -> None:
+    """Copy the ``unet.*`` / ``text_encoder.*`` / ``class_embedder.*`` tensors of ``weights`` (names of
+    ``DiffusionTrainModule``: EMA or consolidated live weights) into whole, unpartitioned networks."""
     copy_into(unet, {k: v.float() for k, v in weights.items() if k.startswith("unet.")}, prefix="unet")
     text = {k: v.float() for k, v in weights.items() if k.startswith("text_encoder.")}
-    if text:
+    if text and text_encoder is not None:
         copy_into(text_encoder, text, prefix="text_encoder")
     elif text_trainable:
         raise ValueError(f"{what} has no text_encoder.* weights but model.text_encoder is trainable")
+    if class_embedder is not None:
+        classes = {k: v.float() for k, v in weights.items() if k.startswith("class_embedder.")}
+        if not classes:
+            raise ValueError(f"{what} has no class_embedder.* weights but model.conditioning.cross_attn='class'")
+        copy_into(class_embedder, classes, prefix="class_embedder")
+
+
+def describe_condition(condition: Any) -> str:
+    """A sample's caption in grids: its prompt, ``class <n>``, or ``unconditional``."""
+    if condition is None:
+        return "unconditional"
+    return condition if isinstance(condition, str) else f"class {int(condition)}"
 
 
 class DiffusionTask(Task):
@@ -78,13 +102,17 @@ class DiffusionTask(Task):
         self.ctx, self.model_cfg, self.eval_cfg = ctx, model, eval_cfg
         self.sample_posterior = sample_posterior
         self.cond_drop_prob = diffusion.cond_drop_prob
+        self.cross_attn = model.conditioning.cross_attn
+        self.null_class = model.conditioning.null_class
         self._flops_cache: dict[tuple[int, int, bool, bool], int] = {}
         parts = build_networks(model, ctx.seed)  # seeded: identical initial weights on every rank
         self.tokenizer = parts.tokenizer
         self.diffusion = build_diffusion(diffusion)
         self.text_trainable = parts.text_encoder_trainable
-        module = DiffusionTrainModule(parts.unet, parts.text_encoder if self.text_trainable else None)
-        self.frozen_text = None if self.text_trainable else parts.text_encoder.to(ctx.device).eval()
+        module = DiffusionTrainModule(parts.unet, parts.text_encoder if self.text_trainable else None,
+                                      parts.class_embedder)
+        frozen = parts.text_encoder is not None and not self.text_trainable
+        self.frozen_text = parts.text_encoder.to(ctx.device).eval() if frozen else None
         self.first_stage = parts.first_stage.to(ctx.device).eval()
         if ctx.channels_last:
             apply_channels_last(self.first_stage)
@@ -93,8 +121,8 @@ class DiffusionTask(Task):
         self.empty_context = None if self.frozen_text is None else cached_text(self.frozen_text)  # (L, D) or None
         self.engine, self.optimizer = ctx.make_engine(module)
         self.engines = {"model": (self.engine, self.optimizer)}
-        self.summary = (f"{trainable_parameters(module, ctx.zero_stage):,} trainable parameters "
-                        f"(unet{' + text encoder' if self.text_trainable else ''})")
+        with_unet = " + text encoder" if self.text_trainable else " + class embedder" if self.cross_attn == "class" else ""
+        self.summary = f"{trainable_parameters(module, ctx.zero_stage):,} trainable parameters (unet{with_unet})"
         self.evaluates_at_end = eval_cfg.kind != "none" or bool(eval_cfg.prompts)
         self.eval_resolution = eval_cfg.resolution or image_size
         self._setup_eval(example_captions, digits, reference_storage_options)
@@ -106,10 +134,17 @@ class DiffusionTask(Task):
 
     def micro_batch(self, batch: dict[str, Any], step: int) -> MicroBatch:
         gens = SampleGenerators(self.ctx.seed, batch["positions"])
-        captions = drop_conditions(batch["captions"], self.cond_drop_prob, gens)
+        # Condition dropout draws first, then the latents', as for every kind of conditioning.
+        if self.cross_attn == "text":
+            captions = drop_conditions(batch["captions"], self.cond_drop_prob, gens)
+        elif self.cross_attn == "class":
+            labels = drop_labels(batch["labels"], self.null_class, self.cond_drop_prob, gens)  # (B,)
         with torch.no_grad():
             x0 = self._latents(batch, gens)  # (B, C, h, w)
-        cond = self._condition(captions, batch.get("text_context"))
+        if self.cross_attn == "text":
+            cond = self._condition(captions, batch.get("text_context"))
+        else:  # class labels for the embedder inside the engine; nothing for an unconditional UNet
+            cond = labels.to(self.ctx.device) if self.cross_attn == "class" else None
         losses = self.diffusion.training_losses(self._model_fn, x0, cond, generator=gens)
         loss = losses["loss"].mean()
         cached_text = self.empty_context is not None and "text_context" in batch
@@ -124,7 +159,7 @@ class DiffusionTask(Task):
         if key not in self._flops_cache:
             m, f = self.model_cfg, self.model_cfg.autoencoder.downsample_factor
             self._flops_cache[key] = diffusion_training_flops(
-                m.unet, m.text_encoder, m.autoencoder, height * f, width * f, cached_latents=cached_latents,
+                m.unet, m.text_encoder if m.uses_text else None, m.autoencoder, height * f, width * f, cached_latents=cached_latents,
                 cached_text=cached_text).total.model
         return self._flops_cache[key]
 
@@ -173,7 +208,8 @@ class DiffusionTask(Task):
         """The protocol's prompts, scorers (weights from local paths) and, on rank 0, the reference
         statistics: built before training, so a missing file fails before the first step."""
         cfg = self.eval_cfg
-        self.eval_prompts, self.eval_labels = protocol_prompts(cfg, example_captions)
+        self.eval_prompts, self.eval_labels = protocol_conditions(
+            cfg, self.cross_attn, self.model_cfg.conditioning.num_classes, example_captions)
         classifier = str(digits.classifier_path) if digits is not None else None
         self.scorers = build_scorers(cfg, digit_classifier_path=classifier, device=self.ctx.device)
         self.reference, self.reference_info = None, None
@@ -186,20 +222,32 @@ class DiffusionTask(Task):
             if self.reference is not None:
                 log.info("eval reference statistics: %s", self.reference_info)
 
-    def _sampling_networks(self, ema: Optional[EMA]) -> tuple[nn.Module, nn.Module]:
-        """Whole, unpartitioned copies of the UNet and text encoder holding the EMA (default) or the
-        live weights, on this rank (collective under ZeRO-3)."""
+    def _sampling_networks(self, ema: Optional[EMA]) -> tuple[nn.Module, Callable[[list[Any]], Optional[torch.Tensor]], Any]:
+        """A whole, unpartitioned copy of the UNet holding the EMA (default) or the live weights, on this
+        rank (collective under ZeRO-3); the conditions -> context function (text encoder, class
+        embedder or none) of those weights, and the unconditional branch's condition."""
         if ema is not None and self.eval_cfg.use_ema:
             weights = ema.state_dict()
         elif self.ctx.zero_stage == 3:
             weights = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             weights = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
+        cond = self.model_cfg.conditioning
         unet = UNetModel(self.model_cfg.unet)
         text = (build_text_encoder(self.model_cfg.text_encoder, build_tokenizer=False)[0] if self.text_trainable
                 else self.frozen_text)
-        load_trained_weights(unet, text, weights, text_trainable=self.text_trainable, what="the trained weights")
-        return unet.to(self.ctx.device).eval(), text.to(self.ctx.device).eval()
+        embedder = ClassEmbedder(cond.num_classes, cond.embed_dim) if self.cross_attn == "class" else None
+        load_trained_weights(unet, text, weights, text_trainable=self.text_trainable, what="the trained weights",
+                             class_embedder=embedder)
+        device = self.ctx.device
+        if embedder is not None:
+            embedder = embedder.to(device).eval()
+            return (unet.to(device).eval(), lambda labels: embedder(torch.tensor(labels, device=device)),
+                    cond.null_class)
+        if text is None:
+            return unet.to(device).eval(), lambda conditions: None, None
+        text = text.to(device).eval()
+        return unet.to(device).eval(), lambda prompts: text(self.tokenizer(prompts).to(device)), ""
 
     def evaluate(self, step: int, *, tracker: RunTracker, ema: Optional[EMA], checkpoint_dir: str,
                  run_id: str) -> dict[str, Any]:
@@ -207,15 +255,11 @@ class DiffusionTask(Task):
         metrics and a grid per guidance scale, and write the results JSON beside the checkpoints.
         A failure is logged and reported in the results; training goes on."""
         cfg = self.eval_cfg
-        unet, text = self._sampling_networks(ema)
-        device = self.ctx.device
-
-        def encode(prompts: list[str]) -> torch.Tensor:
-            return text(self.tokenizer(prompts).to(device))
-
+        unet, encode, negative = self._sampling_networks(ema)
         generate = sampler_fn(unet, encode, self.first_stage, self.diffusion.schedule,
                               latent_shape=self.model_cfg.latent_shape(self.eval_resolution),
-                              sampler=cfg.sampler, num_steps=cfg.num_steps, device=device)
+                              sampler=cfg.sampler, num_steps=cfg.num_steps, device=self.ctx.device,
+                              negative=negative)
         weights = "ema" if (ema is not None and cfg.use_ema) else "live"
         head: dict[str, Any] = {"eval/step": step, "eval/sampler": cfg.sampler, "eval/num_steps": cfg.num_steps,
                                 "eval/guidance_scales": cfg.guidance_scales, "eval/weights": weights,
@@ -245,7 +289,7 @@ class DiffusionTask(Task):
         scalars = scalar_logs(result)
         tracker.log_scalars(step, scalars)
         out: dict[str, Any] = dict(scalars)
-        shown = result["prompts_shown"]
+        shown = [describe_condition(c) for c in result["prompts_shown"]]
         for i, (scale, grid) in enumerate(result["grids"].items()):
             key = "samples" if len(result["grids"]) == 1 else f"samples_g{scale:g}"
             path = tracker.log_images(step, key, torch.from_numpy(grid).float(), shown[:len(grid)],
@@ -265,6 +309,6 @@ class DiffusionTask(Task):
                          f"all results: {last_eval.get('eval/json')})")
         if "eval/digit_accuracy" in last_eval:
             lines.append(f"digit accuracy:  {last_eval['eval/digit_accuracy']:.1%} of samples recognised as "
-                         f"the prompted digit (chance 10%)")
+                         f"the {'prompted' if self.cross_attn == 'text' else 'requested'} digit (chance 10%)")
         return lines
 
