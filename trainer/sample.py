@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
+from PIL import Image
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -28,7 +30,9 @@ from trainer.cli import CLI_CONF_DIR, hydra_command, run_cli
 from trainer.images import atomic_write_bytes, make_grid, save_png, to_uint8
 from trainer.inference import load_for_inference, run_config
 from trainer.runtime.device import check_device, select_device
+from trainer.sampling.concat import concat_to_image
 from trainer.sampling.pipeline import text_to_image
+from trainer.tasks.concat import condition_from
 from trainer.sampling.samplers import SAMPLERS
 
 log = logging.getLogger("trainer.sample")
@@ -42,6 +46,11 @@ class SampleConfig:
     # A class-conditional run's classes: one (3), several ([1, 5]) or "random" (each image a class drawn
     # with `seed`). Named `classes`, not `class`: a Python keyword cannot be a config field.
     classes: Optional[Any] = None
+    # Concat-conditioned runs: the low-resolution image to super-resolve (model.conditioning.concat=lowres;
+    # the output is sr_factor times its size), or the image to complete and its mask (concat=masked_image;
+    # a PNG of the image's size, white where the image is to be filled).
+    image: Optional[str] = None
+    mask: Optional[str] = None
     n: int = 4  # images per prompt (per class; with classes=random, images in all)
     sampler: str = "ddim"
     steps: int = 50
@@ -126,6 +135,54 @@ def read_conditions(cfg: SampleConfig, run_cfg) -> tuple[list[Any], Any]:
     return [p for p in read_prompts(cfg) for _ in range(cfg.n)], cfg.negative_prompt
 
 
+def _read_rgb(path: str, key: str) -> torch.Tensor:
+    """A PNG/JPEG as float (1, 3, H, W) in [-1, 1]."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}={path!r} does not exist")
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def read_concat_inputs(cfg: SampleConfig, run_cfg) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, drawn) for a concat-conditioned run - the low-resolution image twice for super-resolution,
+    the image and its mask (1, 1, H, W) in {0, 1} for inpainting - checked before any weight is loaded;
+    None for other runs."""
+    cond = run_cfg.model.conditioning
+    if cond.concat == "none":
+        for key in ("image", "mask"):
+            if getattr(cfg, key) is not None:
+                raise ValueError(f"{key}={getattr(cfg, key)!r}: checkpoint={cfg.checkpoint!r} has no concat conditioning "
+                                 f"(model.conditioning.concat='none'); image=/mask= are for super-resolution and "
+                                 f"inpainting runs")
+        return None
+    if cfg.image is None:
+        what = "the low-resolution image" if cond.concat == "lowres" else "the image to complete (and mask=<png>)"
+        raise ValueError(f"image=<path> is missing: checkpoint={cfg.checkpoint!r} is conditioned on {what} "
+                         f"(model.conditioning.concat={cond.concat!r})")
+    image = _read_rgb(cfg.image, "image")
+    multiple = run_cfg.model.image_size_multiple()
+    if cond.concat == "lowres":
+        if cfg.mask is not None:
+            raise ValueError(f"mask={cfg.mask!r}: a super-resolution model (concat='lowres') takes no mask")
+        height, width = (side * cond.sr_factor for side in image.shape[-2:])
+        if height % multiple or width % multiple:
+            raise ValueError(f"image={cfg.image!r} is {image.shape[-1]}x{image.shape[-2]} px: x{cond.sr_factor} gives "
+                             f"{width}x{height}, and both sides must be multiples of {multiple}")
+        return image, image
+    if cfg.mask is None:
+        raise ValueError(f"mask=<path> is missing: an inpainting model (concat='masked_image') needs the mask "
+                         f"(white where image={cfg.image!r} is to be filled)")
+    mask = _read_rgb(cfg.mask, "mask")
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"mask={cfg.mask!r} is {mask.shape[-1]}x{mask.shape[-2]} px; expected the size of "
+                         f"image={cfg.image!r}, {image.shape[-1]}x{image.shape[-2]}")
+    if image.shape[-2] % multiple or image.shape[-1] % multiple:
+        raise ValueError(f"image={cfg.image!r} is {image.shape[-1]}x{image.shape[-2]} px; both sides must be "
+                         f"multiples of {multiple}")
+    return image, (mask.mean(dim=1, keepdim=True) >= 0.0).float()  # (1, 1, H, W): white (>= 128) is filled
+
+
 def read_prompts(cfg: SampleConfig) -> list[str]:
     if cfg.prompt is not None:
         if not cfg.prompt.strip():
@@ -157,16 +214,30 @@ def sample(cfg: SampleConfig) -> Path:
         raise FileExistsError(f"out={cfg.out!r} already holds samples.json; choose another folder or overwrite=true")
     all_prompts, negative = read_conditions(cfg, run_config(cfg.checkpoint))  # before any weight is loaded
     guidance = 1.0 if all(p is None for p in all_prompts) else cfg.guidance
+    concat_inputs = read_concat_inputs(cfg, run_config(cfg.checkpoint))
     device = select_device(cfg.device, "device")
     model = load_for_inference(cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     seeds = [cfg.seed + i for i in range(len(all_prompts))]
     log.info("sampling %d images from %s (%s, step %d) with %s, %d steps, guidance %s",
              len(all_prompts), model.source["tag"], model.source["weights"],
              model.source["step"], cfg.sampler, cfg.steps, guidance)
-    images = text_to_image(model.unet, model.encode_fn(device), model.first_stage, all_prompts, seeds,
-                           schedule=model.schedule, latent_shape=model.latent_shape, sampler=cfg.sampler,
-                           num_steps=cfg.steps, guidance_scale=guidance, negative_prompt=negative,
-                           batch_size=cfg.batch_size, device=device)
+    if concat_inputs is None:
+        images = text_to_image(model.unet, model.encode_fn(device), model.first_stage, all_prompts, seeds,
+                               schedule=model.schedule, latent_shape=model.latent_shape, sampler=cfg.sampler,
+                               num_steps=cfg.steps, guidance_scale=guidance, negative_prompt=negative,
+                               batch_size=cfg.batch_size, device=device)
+    else:
+        cond = model.cfg.model.conditioning
+        image, drawn = concat_inputs
+        f = model.cfg.model.autoencoder.downsample_factor
+        size = [side * (cond.sr_factor if cond.concat == "lowres" else 1) // f for side in image.shape[-2:]]
+        with torch.no_grad():
+            concat = condition_from(cond.concat, model.first_stage, image.to(device), drawn.to(device), tuple(size))
+        images = concat_to_image(model.unet, model.encode_fn(device), model.first_stage, all_prompts, seeds,
+                                 concat.expand(len(seeds), *concat.shape[1:]), schedule=model.schedule,
+                                 latent_channels=model.cfg.model.autoencoder.latent_channels, sampler=cfg.sampler,
+                                 num_steps=cfg.steps, guidance_scale=guidance, negative_prompt=negative,
+                                 batch_size=cfg.batch_size, device=device)
     out.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images)  # (N, H, W, 3)
     records = []

@@ -23,6 +23,10 @@ from trainer.checks import check_choice, check_int
 
 CROSS_ATTN_KINDS = ("text", "class", "none")
 CONCAT_KINDS = ("none", "lowres", "masked_image")
+# data_pipeline.degrade.DEGRADATIONS and data_pipeline.masks.MASK_KINDS (that layer sits above this one;
+# tests/test_restoration.py keeps them equal).
+CONCAT_DEGRADATIONS = ("bicubic", "bsr_light")
+CONCAT_MASKS = ("strokes_boxes", "half")
 
 
 @dataclass
@@ -40,6 +44,15 @@ class ConditioningConfig:
     embed_dim: int = 0
     concat: str = "none"
     concat_channels: int = 0
+    # How the concat input is made from the image (trainer/tasks/concat.py), read for its kind only:
+    # lowres: the low-resolution image is H / sr_factor, made by ``degradation`` (the paper's bicubic x4,
+    # or a seeded light BSR degradation); masked_image: masks of kind ``mask`` (LaMa-style strokes and
+    # boxes covering [mask_min_coverage, mask_max_coverage] of the image, or one half).
+    sr_factor: int = 4
+    degradation: str = "bicubic"
+    mask: str = "strokes_boxes"
+    mask_min_coverage: float = 0.1
+    mask_max_coverage: float = 0.5
 
     def __post_init__(self) -> None:
         check_choice("model.conditioning.cross_attn", self.cross_attn, CROSS_ATTN_KINDS)
@@ -48,6 +61,13 @@ class ConditioningConfig:
             check_int("model.conditioning.num_classes", self.num_classes, 1)
             check_int("model.conditioning.embed_dim", self.embed_dim, 1)
         check_int("model.conditioning.concat_channels", self.concat_channels, 0)
+        if self.concat != "none":
+            check_int("model.conditioning.sr_factor", self.sr_factor, 1)
+            check_choice("model.conditioning.degradation", self.degradation, CONCAT_DEGRADATIONS)
+            check_choice("model.conditioning.mask", self.mask, CONCAT_MASKS)
+            if not 0.0 < self.mask_min_coverage <= self.mask_max_coverage <= 1.0:
+                raise ValueError(f"model.conditioning.mask_min_coverage={self.mask_min_coverage!r} and mask_max_coverage="
+                                 f"{self.mask_max_coverage!r}; expected 0 < mask_min_coverage <= mask_max_coverage <= 1")
         if (self.concat == "none") != (self.concat_channels == 0):
             raise ValueError(
                 f"model.conditioning.concat={self.concat!r} with model.conditioning.concat_channels="

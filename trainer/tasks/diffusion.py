@@ -35,6 +35,8 @@ from trainer.runtime.ema import EMA, copy_into
 from trainer.runtime.engine import apply_channels_last, trainable_parameters
 from trainer.runtime.tracking import RunTracker
 from trainer.tasks.base import MicroBatch, Task, TaskContext
+from trainer.tasks.concat import ConcatSettings, make_condition
+from trainer.tasks.restoration_eval import evaluate_restoration, grid_of, held_out_set, json_record, scalars_of
 
 log = logging.getLogger("trainer")
 
@@ -88,6 +90,14 @@ def describe_condition(condition: Any) -> str:
     return condition if isinstance(condition, str) else f"class {int(condition)}"
 
 
+def concat_settings(cond: Any) -> Optional[ConcatSettings]:
+    """``model.conditioning``'s concat input settings (None for concat='none')."""
+    if cond.concat == "none":
+        return None
+    return ConcatSettings(kind=cond.concat, sr_factor=cond.sr_factor, degradation=cond.degradation, mask=cond.mask,
+                          mask_min_coverage=cond.mask_min_coverage, mask_max_coverage=cond.mask_max_coverage)
+
+
 class DiffusionTask(Task):
     def __init__(self, ctx: TaskContext, *, model: ModelConfig, diffusion: DiffusionConfig, eval_cfg: EvalConfig,
                  sample_posterior: bool, image_size: int, example_captions: Callable[[int], list[str]],
@@ -104,6 +114,7 @@ class DiffusionTask(Task):
         self.cond_drop_prob = diffusion.cond_drop_prob
         self.cross_attn = model.conditioning.cross_attn
         self.null_class = model.conditioning.null_class
+        self.concat = concat_settings(model.conditioning)  # ConcatSettings, or None (no concat conditioning)
         self._flops_cache: dict[tuple[int, int, bool, bool], int] = {}
         parts = build_networks(model, ctx.seed)  # seeded: identical initial weights on every rank
         self.tokenizer = parts.tokenizer
@@ -145,12 +156,24 @@ class DiffusionTask(Task):
             cond = self._condition(captions, batch.get("text_context"))
         else:  # class labels for the embedder inside the engine; nothing for an unconditional UNet
             cond = labels.to(self.ctx.device) if self.cross_attn == "class" else None
-        losses = self.diffusion.training_losses(self._model_fn, x0, cond, generator=gens)
+        model_fn = self._model_fn
+        if self.concat is not None:  # drawn after the latents', before the timesteps and noise; never dropped
+            concat = self._concat_input(batch, gens, tuple(x0.shape[-2:]))  # (B, C_concat, h, w)
+            model_fn = lambda x_t, t, c: self._model_fn(torch.cat([x_t, concat.to(x_t)], dim=1), t, c)  # noqa: E731
+        losses = self.diffusion.training_losses(model_fn, x0, cond, generator=gens)
         loss = losses["loss"].mean()
         cached_text = self.empty_context is not None and "text_context" in batch
         flops = x0.shape[0] * self._flops_per_sample(*x0.shape[-2:], cached_latents="latent_mean" in batch,
                                                      cached_text=cached_text)
         return MicroBatch(loss=loss, backward={"model": loss}, flops=flops)
+
+    def _concat_input(self, batch: dict[str, Any], gens: SampleGenerators, latent_size: tuple[int, int]) -> torch.Tensor:
+        """The concat condition, made from the batch's high-resolution images with each sample's generator
+        (trainer.tasks.concat); training from a latent cache is refused before the first step
+        (trainer.train), so the images are always there."""
+        images = batch["images"].to(self.ctx.device)  # (B, 3, H, W) in [-1, 1]
+        with torch.no_grad():
+            return make_condition(self.first_stage, images, gens.generators, self.concat, latent_size).float()
 
     def _flops_per_sample(self, height: int, width: int, *, cached_latents: bool, cached_text: bool) -> int:
         """Model FLOPs of one sample at this latent size (one entry per aspect bucket); recomputation by
@@ -208,6 +231,9 @@ class DiffusionTask(Task):
         """The protocol's prompts, scorers (weights from local paths) and, on rank 0, the reference
         statistics: built before training, so a missing file fails before the first step."""
         cfg = self.eval_cfg
+        if self.concat is not None:
+            self._setup_restoration_eval(digits, reference_storage_options)
+            return
         self.eval_prompts, self.eval_labels = protocol_conditions(
             cfg, self.cross_attn, self.model_cfg.conditioning.num_classes, example_captions)
         classifier = str(digits.classifier_path) if digits is not None else None
@@ -221,6 +247,49 @@ class DiffusionTask(Task):
                 storage_options=reference_storage_options(source) if source else None)
             if self.reference is not None:
                 log.info("eval reference statistics: %s", self.reference_info)
+
+    def _setup_restoration_eval(self, digits: Optional[DigitsDatasetInfo],
+                                reference_storage_options: Callable[[str], dict[str, Any]]) -> None:
+        """Concat models are scored on the held-out images (eval.reference, else the digits' held-out
+        split): read before training, so a missing source fails before the first step."""
+        cfg = self.eval_cfg
+        self.eval_prompts, self.eval_labels = [], None
+        classifier = str(digits.classifier_path) if digits is not None else None
+        self.scorers = build_scorers(cfg, digit_classifier_path=classifier, device=self.ctx.device)
+        self.reference, self.reference_info, self.held_out = None, None, None
+        source = cfg.reference or (digits.val_url if digits is not None else None)
+        if cfg.kind == "none" or not source:
+            return
+        self.held_out = held_out_set(source, resolution=self.eval_resolution, with_captions=self.cross_attn == "text",
+                                     storage_options=reference_storage_options(source))
+        self.eval_prompts = [None] * len(self.held_out["images"])
+        log.info("restoration eval: %d held-out images from %s", len(self.eval_prompts), source)
+
+    def _evaluate_restoration(self, step: int, tracker: RunTracker, ema: Optional[EMA], checkpoint_dir: str,
+                              run_id: str) -> dict[str, Any]:
+        cfg = self.eval_cfg
+        unet, encode, negative = self._sampling_networks(ema)
+        weights = "ema" if (ema is not None and cfg.use_ema) else "live"
+        record = evaluate_restoration(self.concat, self.held_out, unet=unet, encode=encode, uncond=negative,
+                                      first_stage=self.first_stage, schedule=self.diffusion.schedule,
+                                      latent_channels=self.model_cfg.autoencoder.latent_channels, cfg=cfg,
+                                      scorers=self.scorers, lpips=None, device=self.ctx.device)
+        out: dict[str, Any] = {"eval/step": step, "eval/sampler": cfg.sampler, "eval/num_steps": cfg.num_steps,
+                               "eval/weights": weights, **scalars_of(record)}
+        if self.ctx.rank == 0:
+            tracker.log_scalars(step, {k: v for k, v in out.items() if isinstance(v, float)})
+            shown = min(cfg.num_grid, record["num_images"])
+            path = tracker.log_images(step, "restorations", grid_of(record, shown),
+                                      [f"{name} {i}" for i in range(shown) for name in ("input", "output", "original")])
+            out["eval/grid"] = str(path)
+            source = {"checkpoint": checkpoint_dir, "tag": tag_for(step), "step": step, "weights": weights,
+                      "run_id": run_id}
+            payload = {"protocol": "restoration", "concat": self.concat.kind, "source": source,
+                       "settings": {"sampler": cfg.sampler, "num_steps": cfg.num_steps, "seed": cfg.seed},
+                       "result": json_record(record)}
+            out["eval/json"] = write_record(payload, f"{checkpoint_dir.rstrip('/')}/eval/{tag_for(step)}.json")
+        distributed.barrier()
+        return out
 
     def _sampling_networks(self, ema: Optional[EMA]) -> tuple[nn.Module, Callable[[list[Any]], Optional[torch.Tensor]], Any]:
         """A whole, unpartitioned copy of the UNet holding the EMA (default) or the live weights, on this
@@ -255,6 +324,8 @@ class DiffusionTask(Task):
         metrics and a grid per guidance scale, and write the results JSON beside the checkpoints.
         A failure is logged and reported in the results; training goes on."""
         cfg = self.eval_cfg
+        if self.concat is not None:
+            return self._evaluate_restoration(step, tracker, ema, checkpoint_dir, run_id)
         unet, encode, negative = self._sampling_networks(ema)
         generate = sampler_fn(unet, encode, self.first_stage, self.diffusion.schedule,
                               latent_shape=self.model_cfg.latent_shape(self.eval_resolution),
@@ -303,6 +374,21 @@ class DiffusionTask(Task):
 
     def final_report(self, last_eval: dict[str, Any], checkpoint_dir: str, latest_tag: Optional[str]) -> list[str]:
         lines = []
+        if "eval/psnr_gain_db" in last_eval:
+            lines.append(f"super-resolution: PSNR {last_eval['eval/psnr']:.2f} dB (bicubic {last_eval['eval/psnr_bicubic']:.2f} "
+                         f"dB, {last_eval['eval/psnr_gain_db']:+.2f} dB), SSIM {last_eval['eval/ssim']:.3f} (bicubic "
+                         f"{last_eval['eval/ssim_bicubic']:.3f}) on {int(last_eval['eval/num_samples'])} held-out images; "
+                         f"all results: {last_eval.get('eval/json')}")
+            if "eval/fid" in last_eval:
+                lines.append(f"super-resolution FID: {last_eval['eval/fid']:.3f} (bicubic "
+                             f"{last_eval.get('eval/fid_bicubic', float('nan')):.3f}; {self.eval_cfg.feature_kind} features)")
+            return lines
+        if "eval/digit_accuracy_masked_input" in last_eval:
+            lines.append(f"inpainting: {last_eval['eval/digit_accuracy']:.1%} of completions recognised as the original "
+                         f"digit (the masked inputs: {last_eval['eval/digit_accuracy_masked_input']:.1%}), masked-region "
+                         f"PSNR {last_eval['eval/masked_psnr']:.2f} dB on {int(last_eval['eval/num_samples'])} held-out "
+                         f"images; all results: {last_eval.get('eval/json')}")
+            return lines
         if "eval/fid" in last_eval:
             lines.append(f"FID:             {last_eval['eval/fid']:.3f} ({self.eval_cfg.feature_kind} features, "
                          f"{last_eval['eval/num_samples']} samples, guidance {self.eval_cfg.guidance_scales[0]:g}; "
