@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 PYTEST_ARGS ?=
 
-.PHONY: install run run-pixel demo-class plan test test-slow bench bench-gpu clean
+.PHONY: install run run-pixel demo-class demo-superres demo-inpaint plan test test-slow bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
