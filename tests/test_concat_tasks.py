@@ -121,7 +121,7 @@ def _summary(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_demo_superres_short_beats_bicubic(tmp_path):
     run_dir = tmp_path / "run"
-    th.run(run_dir, ["train.max_steps=400", "checkpoint.interval_steps=400"], experiment="demo_superres", timeout=290)
+    th.run(run_dir, ["train.max_steps=400", "checkpoint.interval_steps=400"], experiment="demo_superres", timeout=600)
     result = _summary(run_dir)
     assert result["num_images"] == 179
     assert result["psnr_gain_db"] >= 2.0, result["rows"]
@@ -134,7 +134,7 @@ def test_demo_inpaint_short_fills_the_masked_half(tmp_path):
     PSNR well above a blank fill's ~6 dB) and most completions are recognised. The full recipe's bar
     (>= 80% recognised) is measured by `make demo-inpaint` (83.2%)."""
     run_dir = tmp_path / "run"
-    th.run(run_dir, ["train.max_steps=600", "checkpoint.interval_steps=600"], experiment="demo_inpaint", timeout=290)
+    th.run(run_dir, ["train.max_steps=600", "checkpoint.interval_steps=600"], experiment="demo_inpaint", timeout=600)
     result = _summary(run_dir)
     assert result["num_images"] == 179
     assert result["masked_psnr"] > 12.0, result
