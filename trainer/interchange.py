@@ -338,6 +338,16 @@ def ldm_pipeline(cfg: ModelConfig) -> bool:
     return cfg.text_encoder.kind == "ldm_bert" and cfg.text_encoder.max_length == LDM_PIPELINE_TOKENS
 
 
+def _write_first_stage(model, folder: Path) -> None:
+    """The first stage as a diffusers ``AutoencoderKL`` in ``folder`` (weights and config)."""
+    cfg = model.cfg.model.autoencoder
+    vae_sd, report = vae_to_diffusers(model.first_stage.state_dict(), cfg)
+    report.raise_if_incomplete("export (first stage)")
+    _save(vae_sd, folder / "diffusion_pytorch_model.safetensors")
+    _write_json(folder / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+                                         **diffusers_vae_config(cfg)})
+
+
 def export_ldm_uncond(model, out: Path, *, overwrite: bool = False) -> Path:
     """A diffusers ``LDMPipeline`` folder (``UNet2DModel`` + ``AutoencoderKL`` as its ``vqvae`` +
     ``DDIMScheduler``) for an unconditional model: the pipeline divides latents by the first stage's
@@ -354,11 +364,7 @@ def export_ldm_uncond(model, out: Path, *, overwrite: bool = False) -> Path:
         _write_json(tmp / "unet" / "config.json", {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
                                                    "sample_size": model.latent_shape[1],
                                                    **diffusers_unet2d_config(cfg.unet)})
-        vae_sd, report = vae_to_diffusers(model.first_stage.state_dict(), cfg.autoencoder)
-        report.raise_if_incomplete("export (first stage)")
-        _save(vae_sd, tmp / "vqvae" / "diffusion_pytorch_model.safetensors")
-        _write_json(tmp / "vqvae" / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
-                                                    **diffusers_vae_config(cfg.autoencoder)})
+        _write_first_stage(model, tmp / "vqvae")
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(model.cfg.diffusion))
         _write_json(tmp / "model_index.json", {"_class_name": "LDMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
                                                "unet": ["diffusers", "UNet2DModel"],
@@ -396,11 +402,7 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
                                                    **diffusers_unet_config(cfg.unet)})
         ldm = ldm_pipeline(cfg)
         vae_dir = "vqvae" if ldm else "vae"
-        vae_sd, report = vae_to_diffusers(model.first_stage.state_dict(), cfg.autoencoder)
-        report.raise_if_incomplete("export (first stage)")
-        _save(vae_sd, tmp / vae_dir / "diffusion_pytorch_model.safetensors")
-        _write_json(tmp / vae_dir / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
-                                                    **diffusers_vae_config(cfg.autoencoder)})
+        _write_first_stage(model, tmp / vae_dir)
         sub, cls, to_theirs, _, text_config = _text_converter(cfg)
         sub = sub if ldm else "text_encoder"  # StableDiffusionPipeline's name, whatever the encoder
         text_sd, report = to_theirs(model.text_encoder.state_dict())
