@@ -112,6 +112,25 @@ def test_concat_task_resumes_bitwise(tmp_path, kind):
     assert len(set(want.values())) == 6
 
 
+@pytest.mark.slow
+def test_a_failing_restoration_evaluation_is_reported_and_training_goes_on(tmp_path):
+    """More sampling steps than the schedule has: the restoration eval fails at each interval, the failure
+    is logged and recorded, and training finishes, as for the text protocol."""
+    import json
+
+    run_dir = tmp_path / "run"
+    th.run(run_dir, [*CONCAT_TINY["lowres"], "train.max_steps=4", "eval.kind=digits", "eval.num_steps=5000",
+                     "eval.interval_steps=2", "checkpoint.interval_steps=100"])
+    assert sorted(th.losses(run_dir)) == [1, 2, 3, 4] and th.latest(run_dir) == "step00000004"
+    log = (run_dir / "train.log").read_text()
+    for step in (2, 4):
+        assert f"evaluation at step {step} failed; training continues" in log
+    failed = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("eval/failed") == 1]
+    assert failed == [2, 4]
+    assert not (run_dir / "checkpoints" / "eval").exists()
+
+
 def _summary(run_dir: Path) -> dict:
     import json
     evals = sorted((run_dir / "checkpoints" / "eval").glob("*.json"))

@@ -270,12 +270,19 @@ class DiffusionTask(Task):
         cfg = self.eval_cfg
         unet, encode, negative = self._sampling_networks(ema)
         weights = "ema" if (ema is not None and cfg.use_ema) else "live"
-        record = evaluate_restoration(self.concat, self.held_out, unet=unet, encode=encode, uncond=negative,
-                                      first_stage=self.first_stage, schedule=self.diffusion.schedule,
-                                      latent_channels=self.model_cfg.autoencoder.latent_channels, cfg=cfg,
-                                      scorers=self.scorers, lpips=None, device=self.ctx.device)
-        out: dict[str, Any] = {"eval/step": step, "eval/sampler": cfg.sampler, "eval/num_steps": cfg.num_steps,
-                               "eval/weights": weights, **scalars_of(record)}
+        head: dict[str, Any] = {"eval/step": step, "eval/sampler": cfg.sampler, "eval/num_steps": cfg.num_steps,
+                                "eval/weights": weights}
+        try:  # every rank scores the whole set on its own (no collective inside): a failure is every rank's
+            record = evaluate_restoration(self.concat, self.held_out, unet=unet, encode=encode, uncond=negative,
+                                          first_stage=self.first_stage, schedule=self.diffusion.schedule,
+                                          latent_channels=self.model_cfg.autoencoder.latent_channels, cfg=cfg,
+                                          scorers=self.scorers, lpips=None, device=self.ctx.device)
+        except Exception as e:  # noqa: BLE001 - as for the text protocol: logged, recorded, training goes on
+            log.error("evaluation at step %d failed; training continues: %s: %s", step, type(e).__name__, e)
+            tracker.log_scalars(step, {"eval/failed": 1})
+            distributed.barrier()
+            return {**head, "eval/error": f"rank {self.ctx.rank}: {type(e).__name__}: {e}"}
+        out: dict[str, Any] = {**head, **scalars_of(record)}
         if self.ctx.rank == 0:
             tracker.log_scalars(step, {k: v for k, v in out.items() if isinstance(v, float)})
             shown = min(cfg.num_grid, record["num_images"])
