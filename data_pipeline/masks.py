@@ -13,8 +13,9 @@ Every random number comes from the ``torch.Generator`` passed in (the sample's g
 global position), so the same generator state gives the same mask and a resumed run redraws it.
 
 The model input follows SD-inpainting: masked image = image * (1 - mask); the UNet takes
-cat(noisy latent, latent of the masked image, mask at the latent size) -- 4 + 4 + 1 channels for SD,
-3 + 3 + 1 for the pixel-space demo.
+cat(noisy latent, mask at the latent size, latent of the masked image) -- 4 + 1 + 4 channels for SD
+(CompVis ``LatentInpaintDiffusion`` concat_keys ("mask", "masked_image"); diffusers'
+``StableDiffusionInpaintPipeline`` concatenates in the same order), 3 + 1 + 3 for the pixel-space demo.
 """
 
 from __future__ import annotations

@@ -151,8 +151,8 @@ def test_concat_inputs_pixel_space_layout_and_repeatability():
     inpaint = ConcatSettings(kind="masked_image", mask="strokes_boxes", mask_min_coverage=0.2, mask_max_coverage=0.4)
     cond = make_condition(identity, images, _gens([3, 4]), inpaint, (16, 16))
     assert cond.shape == (2, 4, 16, 16)
-    masks = cond[:, 3:]
-    assert torch.equal(cond[:, :3], images * (1 - masks))
+    masks = cond[:, :1]  # SD-inpainting's order: mask, then the masked image
+    assert torch.equal(cond[:, 1:], images * (1 - masks))
     assert torch.equal(cond, make_condition(identity, images, _gens([3, 4]), inpaint, (16, 16)))
     assert all(0.2 <= float(m.mean()) <= 0.4 for m in masks)
     bsr = ConcatSettings(kind="lowres", degradation="bsr_light")

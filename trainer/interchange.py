@@ -8,9 +8,11 @@ component config that differs from ours, is an error naming what differs.
 
 Export: a diffusers ``LDMTextToImagePipeline`` folder (the paper's trainable text transformer as
 ``LDMBertModel``, 77 positions; other lengths as a ``StableDiffusionPipeline`` holding it, see
-``ldm_pipeline``) or ``StableDiffusionPipeline`` folder (a frozen OpenCLIP tower as ``CLIPTextModel``),
-loadable offline with ``from_pretrained``; or one safetensors file per component in our (CompVis)
-layout. Folders are written under a temporary name and renamed when complete.
+``ldm_pipeline``) or ``StableDiffusionPipeline`` folder (a frozen OpenCLIP tower as ``CLIPTextModel``);
+``StableDiffusionInpaintPipeline`` for text-guided inpainting, ``LDMPipeline`` for an unconditional
+model, ``LDMSuperResolutionPipeline`` for super-resolution; all loadable offline with
+``from_pretrained`` and imported back by ``model.init_from``. Or one safetensors file per component in
+our (CompVis) layout. Folders are written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from trainer.convert.clip_text import (CLIP_TEXT_ARCH_KEYS, clip_text_config, cl
 from trainer.convert.diffusers_ldmbert import diffusers_ldmbert_config, ldmbert_from_diffusers, ldmbert_to_diffusers
 from trainer.convert.diffusers_unet import (diffusers_unet2d_config, diffusers_unet_config, unet2d_from_diffusers,
                                             unet2d_to_diffusers, unet_from_diffusers, unet_to_diffusers)
-from trainer.convert.diffusers_vae import diffusers_vae_config, vae_from_diffusers, vae_to_diffusers
+from trainer.convert.diffusers_vae import (diffusers_vae_config, fold_latent_affine, unfold_latent_affine,
+                                           vae_from_diffusers, vae_to_diffusers)
 from trainer.convert.first_stage import load_first_stage_weights, read_state_dict
 from trainer.convert.keymap import ConversionReport, KeyMap
 from trainer.convert.tokenizers import export_tokenizer
@@ -74,11 +77,18 @@ def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
                          f"it may be truncated") from None
 
 
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what}: {path} is not a readable JSON file ({e})") from None
+
+
 def _check_config(path: Path, ours: dict[str, Any], what: str) -> None:
     """The component's ``config.json`` must describe our architecture."""
     if not path.is_file():
         raise FileNotFoundError(f"{what}: {path} does not exist")
-    theirs = json.loads(path.read_text())
+    theirs = _read_json(path, what)
     diffs = []
     for k, v in ours.items():
         t = theirs.get(k)
@@ -211,7 +221,10 @@ def _load_diffusers(parts, root: Path, cfg) -> dict[str, Any]:
         raise ValueError(f"model.init_from_ema=true takes the model_ema.* weights of a CompVis checkpoint; {where} is "
                          f"a diffusers folder, which holds one UNet: set model.init_from_ema=false")
     summary: dict[str, Any] = {}
-    uncond = cfg.unet.context_dim is None  # an LDMPipeline's UNet2DModel
+    pipeline = _read_json(root / "model_index.json", where).get("_class_name")
+    # LDMSuperResolutionPipeline decodes latents as they are: its VAE holds our latent scale folded in.
+    folded = pipeline == "LDMSuperResolutionPipeline"
+    uncond = cfg.unet.context_dim is None  # an LDMPipeline's / LDMSuperResolutionPipeline's UNet2DModel
     unet_config = diffusers_unet2d_config(cfg.unet) if uncond else diffusers_unet_config(cfg.unet)
     _check_config(root / "unet" / "config.json", unet_config, f"{where} (unet/config.json)")
     sd = _read_safetensors(root / "unet" / "diffusion_pytorch_model.safetensors", f"{where} (unet)")
@@ -221,10 +234,15 @@ def _load_diffusers(parts, root: Path, cfg) -> dict[str, Any]:
     summary["unet"] = len(ours)
     vae_dir = next((root / d for d in ("vqvae", "vae") if (root / d).is_dir()), None)
     if vae_dir is not None and hasattr(parts.first_stage, "encoder"):
-        _check_config(vae_dir / "config.json", diffusers_vae_config(cfg.autoencoder), f"{where} ({vae_dir.name}/config.json)")
+        vae_config = diffusers_vae_config(cfg.autoencoder)
+        if folded:
+            vae_config.update(scaling_factor=1.0, shift_factor=None)
+        _check_config(vae_dir / "config.json", vae_config, f"{where} ({vae_dir.name}/config.json)")
         sd = _read_safetensors(vae_dir / "diffusion_pytorch_model.safetensors", f"{where} ({vae_dir.name})")
         ours, report = vae_from_diffusers(sd, cfg.autoencoder)
         report.raise_if_incomplete(f"{where} ({vae_dir.name})")
+        if folded:  # back to the posterior z that our scale_factor / shift_factor map to the same latent
+            ours = unfold_latent_affine(ours, cfg.autoencoder)
         load_strict(parts.first_stage, ours, f"{where} ({vae_dir.name})")
         summary["first_stage"] = len(ours)
     sub, _, _, from_theirs, text_config = _text_converter(cfg)
@@ -338,35 +356,41 @@ def ldm_pipeline(cfg: ModelConfig) -> bool:
     return cfg.text_encoder.kind == "ldm_bert" and cfg.text_encoder.max_length == LDM_PIPELINE_TOKENS
 
 
-def _write_first_stage(model, folder: Path) -> None:
-    """The first stage as a diffusers ``AutoencoderKL`` in ``folder`` (weights and config)."""
+def _write_first_stage(model, folder: Path, *, fold_latent: bool = False) -> None:
+    """The first stage as a diffusers ``AutoencoderKL`` in ``folder`` (weights and config). ``fold_latent``:
+    its own latent is our diffusion latent (``fold_latent_affine``; config scaling_factor 1, no shift),
+    for a pipeline that decodes latents as they are."""
     cfg = model.cfg.model.autoencoder
-    vae_sd, report = vae_to_diffusers(model.first_stage.state_dict(), cfg)
+    ours = model.first_stage.state_dict()
+    vae_sd, report = vae_to_diffusers(fold_latent_affine(ours, cfg) if fold_latent else ours, cfg)
     report.raise_if_incomplete("export (first stage)")
     _save(vae_sd, folder / "diffusion_pytorch_model.safetensors")
+    config = diffusers_vae_config(cfg)
+    if fold_latent:
+        config.update(scaling_factor=1.0, shift_factor=None)
     _write_json(folder / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
-                                         **diffusers_vae_config(cfg)})
+                                         **config})
 
 
-def export_ldm_uncond(model, out: Path, *, overwrite: bool = False) -> Path:
-    """A diffusers ``LDMPipeline`` folder (``UNet2DModel`` + ``AutoencoderKL`` as its ``vqvae`` +
-    ``DDIMScheduler``) for an unconditional model: the pipeline divides latents by the first stage's
-    ``scaling_factor`` and decodes them, so a first stage with a shift has no exact export."""
+def _write_unet2d(model, folder: Path) -> None:
+    """The UNet of a model without cross-attention as a diffusers ``UNet2DModel``."""
     cfg = model.cfg.model
-    if cfg.autoencoder.shift_factor != 0.0:
-        raise ValueError(f"format=diffusers: LDMPipeline decodes latents / scaling_factor with no shift; "
-                         f"model.autoencoder.shift_factor={cfg.autoencoder.shift_factor} has no exact export")
+    unet_sd, report = unet2d_to_diffusers(model.unet.state_dict(), cfg.unet)
+    report.raise_if_incomplete("export (unet)")
+    _save(unet_sd, folder / "diffusion_pytorch_model.safetensors")
+    _write_json(folder / "config.json", {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+                                         "sample_size": model.latent_shape[1], **diffusers_unet2d_config(cfg.unet)})
+
+
+def _write_ldm_folder(model, out: Path, pipeline: str, overwrite: bool, *, fold_latent: bool) -> Path:
+    """``UNet2DModel`` + ``AutoencoderKL`` as ``vqvae`` + ``DDIMScheduler``: diffusers' ``LDMPipeline``
+    and ``LDMSuperResolutionPipeline`` hold these three."""
     tmp = _staging(out)
     try:
-        unet_sd, report = unet2d_to_diffusers(model.unet.state_dict(), cfg.unet)
-        report.raise_if_incomplete("export (unet)")
-        _save(unet_sd, tmp / "unet" / "diffusion_pytorch_model.safetensors")
-        _write_json(tmp / "unet" / "config.json", {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
-                                                   "sample_size": model.latent_shape[1],
-                                                   **diffusers_unet2d_config(cfg.unet)})
-        _write_first_stage(model, tmp / "vqvae")
+        _write_unet2d(model, tmp / "unet")
+        _write_first_stage(model, tmp / "vqvae", fold_latent=fold_latent)
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(model.cfg.diffusion))
-        _write_json(tmp / "model_index.json", {"_class_name": "LDMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        _write_json(tmp / "model_index.json", {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
                                                "unet": ["diffusers", "UNet2DModel"],
                                                "vqvae": ["diffusers", "AutoencoderKL"],
                                                "scheduler": ["diffusers", "DDIMScheduler"]})
@@ -378,9 +402,43 @@ def export_ldm_uncond(model, out: Path, *, overwrite: bool = False) -> Path:
     return out
 
 
+def export_ldm_uncond(model, out: Path, *, overwrite: bool = False) -> Path:
+    """A diffusers ``LDMPipeline`` folder for an unconditional model: the pipeline divides latents by the
+    first stage's ``scaling_factor`` and decodes them, so a first stage with a shift has no exact export."""
+    cfg = model.cfg.model
+    if cfg.autoencoder.shift_factor != 0.0:
+        raise ValueError(f"format=diffusers: LDMPipeline decodes latents / scaling_factor with no shift; "
+                         f"model.autoencoder.shift_factor={cfg.autoencoder.shift_factor} has no exact export")
+    return _write_ldm_folder(model, out, "LDMPipeline", overwrite, fold_latent=False)
+
+
+def export_ldm_superres(model, out: Path, *, overwrite: bool = False) -> Path:
+    """A diffusers ``LDMSuperResolutionPipeline`` folder for a ``concat: lowres`` model. That pipeline
+    concatenates the low-resolution image (in [-1, 1], at the latent size) to latents of half the UNet's
+    input channels and decodes the result with no ``scaling_factor``: the first stage is written with our
+    latent scale and shift folded into its 1x1 quant convs (``fold_latent_affine``), so the folder samples
+    what ``trainer.sample`` does. Exact only where the low-resolution image is the latent's size
+    (``sr_factor`` = the first stage's factor) and has the latent's channel count."""
+    cfg = model.cfg.model
+    factor, latent_ch = cfg.autoencoder.downsample_factor, cfg.unet.out_channels
+    if cfg.conditioning.sr_factor != factor:
+        raise ValueError(f"format=diffusers: LDMSuperResolutionPipeline takes the low-resolution image at the latent "
+                         f"size; model.conditioning.sr_factor={cfg.conditioning.sr_factor} differs from the first "
+                         f"stage's factor {factor}: use format=safetensors")
+    if cfg.unet.in_channels != 2 * latent_ch or cfg.conditioning.concat_channels != latent_ch:
+        raise ValueError(f"format=diffusers: LDMSuperResolutionPipeline sizes its latents as half the UNet's input "
+                         f"channels; model.unet.in_channels={cfg.unet.in_channels} with "
+                         f"model.conditioning.concat_channels={cfg.conditioning.concat_channels} and "
+                         f"{latent_ch} latent channels is not that layout: use format=safetensors")
+    return _write_ldm_folder(model, out, "LDMSuperResolutionPipeline", overwrite, fold_latent=True)
+
+
 def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path:
-    """A diffusers pipeline folder for ``model`` (a ``trainer.inference.LoadedModel``): text-to-image,
-    or ``LDMPipeline`` for an unconditional model."""
+    """A diffusers pipeline folder for ``model`` (a ``trainer.inference.LoadedModel``): text-to-image
+    (``LDMTextToImagePipeline`` / ``StableDiffusionPipeline``), text-guided inpainting
+    (``StableDiffusionInpaintPipeline``: the UNet's input is noisy latent, mask, masked-image latent, the
+    order that pipeline concatenates), ``LDMPipeline`` for an unconditional model and
+    ``LDMSuperResolutionPipeline`` for 4x super-resolution."""
     cfg = model.cfg.model
     if cfg.autoencoder.kind != "kl":
         raise ValueError(f"format=diffusers needs a latent model: model.autoencoder.kind={cfg.autoencoder.kind!r} "
@@ -389,8 +447,19 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
         raise ValueError("format=diffusers: diffusers has no pipeline for a class-conditional LDM "
                          "(model.conditioning.cross_attn='class'); use format=safetensors")
     out = Path(out)
+    concat = cfg.conditioning.concat
     if cfg.conditioning.cross_attn == "none":
+        if concat == "lowres":
+            return export_ldm_superres(model, out, overwrite=overwrite)
+        if concat != "none":
+            raise ValueError(f"format=diffusers: diffusers' inpainting pipeline (StableDiffusionInpaintPipeline) "
+                             f"needs text cross-attention; model.conditioning.concat={concat!r} with cross_attn "
+                             f"'none' has no diffusers pipeline: use format=safetensors")
         return export_ldm_uncond(model, out, overwrite=overwrite)
+    if concat == "lowres":
+        raise ValueError("format=diffusers: LDMSuperResolutionPipeline has no text cross-attention; "
+                         "model.conditioning.concat='lowres' with cross_attn 'text' has no diffusers pipeline: "
+                         "use format=safetensors")
     tmp = _staging(out)
     try:
         unet_sd, report = unet_to_diffusers(model.unet.state_dict(), cfg.unet)
@@ -400,7 +469,7 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
                                                    "_diffusers_version": DIFFUSERS_VERSION,
                                                    "sample_size": model.latent_shape[1],
                                                    **diffusers_unet_config(cfg.unet)})
-        ldm = ldm_pipeline(cfg)
+        ldm = ldm_pipeline(cfg) and concat == "none"  # inpainting: StableDiffusionInpaintPipeline, whatever the encoder
         vae_dir = "vqvae" if ldm else "vae"
         _write_first_stage(model, tmp / vae_dir)
         sub, cls, to_theirs, _, text_config = _text_converter(cfg)
@@ -417,7 +486,8 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
         if ldm:
             index["_class_name"] = "LDMTextToImagePipeline"
         else:
-            index.update({"_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
+            index.update({"_class_name": "StableDiffusionInpaintPipeline" if concat == "masked_image" else
+                          "StableDiffusionPipeline", "safety_checker": [None, None],
                           "feature_extractor": [None, None], "requires_safety_checker": False})
         _write_json(tmp / "model_index.json", index)
         _write_json(tmp / "ldm_platform.json", {"source": model.source, "image_size": model.cfg.data.image_size})

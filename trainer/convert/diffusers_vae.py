@@ -13,6 +13,7 @@ diffusers ties ``z_channels`` and ``embed_dim`` into one ``latent_channels``, so
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -147,3 +148,44 @@ def vae_from_diffusers(sd: dict[str, torch.Tensor], cfg: AutoencoderConfig
     """``diffusers.AutoencoderKL`` state dict -> CompVis-layout state dict."""
     _check_representable(cfg)
     return vae_keymap(cfg).to_ours(sd)
+
+
+def fold_latent_affine(sd: dict[str, torch.Tensor], cfg: AutoencoderConfig) -> dict[str, torch.Tensor]:
+    """CompVis-layout weights whose own latent is this model's diffusion latent ``(z - shift) * scale``:
+    the affine map is folded into the 1x1 ``quant_conv`` (posterior mean scaled and shifted, log-variance
+    raised by ``2 ln scale``) and ``post_quant_conv`` (input divided by ``scale``, the shift moved into the
+    bias). For pipelines that decode a latent as it is, with no ``scaling_factor`` (diffusers'
+    ``LDMSuperResolutionPipeline``); exact up to float rounding. ``unfold_latent_affine`` inverts it."""
+    scale, shift, e = float(cfg.scale_factor), float(cfg.shift_factor), cfg.embed_dim
+    out = dict(sd)
+    qw, qb = sd["quant_conv.weight"].double().clone(), sd["quant_conv.bias"].double().clone()  # (2E, 2Z, 1, 1), (2E,)
+    qw[:e] *= scale
+    qb[:e] = (qb[:e] - shift) * scale
+    qb[e:] += 2.0 * math.log(scale)
+    pw, pb = sd["post_quant_conv.weight"].double(), sd["post_quant_conv.bias"].double()  # (Z, E, 1, 1), (Z,)
+    out["quant_conv.weight"], out["quant_conv.bias"] = qw, qb
+    out["post_quant_conv.weight"] = pw / scale
+    out["post_quant_conv.bias"] = pb + shift * pw[:, :, 0, 0].sum(dim=1)
+    dtype = sd["quant_conv.weight"].dtype
+    return {k: (v.to(dtype) if k in _AFFINE_KEYS else v) for k, v in out.items()}
+
+
+def unfold_latent_affine(sd: dict[str, torch.Tensor], cfg: AutoencoderConfig) -> dict[str, torch.Tensor]:
+    """The inverse of ``fold_latent_affine``: weights whose latent is the diffusion latent -> weights of
+    the posterior ``z`` that this model's ``scale_factor``/``shift_factor`` map to that latent. Exact for
+    any configured scale and shift (up to float rounding): the composed model computes the same latent."""
+    scale, shift, e = float(cfg.scale_factor), float(cfg.shift_factor), cfg.embed_dim
+    out = dict(sd)
+    qw, qb = sd["quant_conv.weight"].double().clone(), sd["quant_conv.bias"].double().clone()
+    qw[:e] /= scale
+    qb[:e] = qb[:e] / scale + shift
+    qb[e:] -= 2.0 * math.log(scale)
+    pw = sd["post_quant_conv.weight"].double() * scale
+    out["quant_conv.weight"], out["quant_conv.bias"] = qw, qb
+    out["post_quant_conv.weight"] = pw
+    out["post_quant_conv.bias"] = sd["post_quant_conv.bias"].double() - shift * pw[:, :, 0, 0].sum(dim=1)
+    dtype = sd["quant_conv.weight"].dtype
+    return {k: (v.to(dtype) if k in _AFFINE_KEYS else v) for k, v in out.items()}
+
+
+_AFFINE_KEYS = ("quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight", "post_quant_conv.bias")

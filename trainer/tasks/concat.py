@@ -7,8 +7,10 @@ its global position, ``trainer.diffusion.SampleGenerators``), so a resumed run r
   (``data_pipeline.degrade``), then brought to the latent's size by bicubic interpolation. CompVis
   concatenates the low-resolution image itself at the latent resolution (64 px low-res with 64x64 VQ-f4
   latents of the 256 px image); in pixel space (f = 1) it is the bicubic upsampling. 3 channels.
-* ``masked_image`` (inpainting, SD-inpainting layout): the latent of the masked image (first stage mode,
-  scaled as the diffusion latents) then the mask at the latent size (nearest): latent channels + 1.
+* ``masked_image`` (inpainting, SD-inpainting layout): the mask at the latent size (nearest), then the
+  latent of the masked image (first stage mode, scaled as the diffusion latents): 1 + latent channels,
+  the order of CompVis' ``LatentInpaintDiffusion`` and diffusers' ``StableDiffusionInpaintPipeline``, so
+  their checkpoints' ``conv_in`` needs no permutation.
 
 The condition is never dropped for guidance: SD-inpainting and LDM-SR use none on the concat part
 (text guidance still applies when the model also has text cross-attention).
@@ -70,10 +72,10 @@ def lowres_to_latent_size(low: torch.Tensor, latent_size: tuple[int, int]) -> to
 
 @torch.no_grad()
 def masked_image_condition(first_stage: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """cat(latent of the masked image, mask at the latent size): (B, C_latent + 1, h, w)."""
+    """cat(mask at the latent size, latent of the masked image): (B, 1 + C_latent, h, w)."""
     masked = masked_images(images, masks.to(images))  # (B, 3, H, W)
     latent = first_stage.to_latent(first_stage.encode(masked).mode()).float()  # (B, C, h, w)
-    return torch.cat([latent, mask_at(masks.to(latent), tuple(latent.shape[-2:]))], dim=1)
+    return torch.cat([mask_at(masks.to(latent), tuple(latent.shape[-2:])), latent], dim=1)
 
 
 def draw_inputs(images: torch.Tensor, generators: Optional[Sequence[torch.Generator]], settings: ConcatSettings
