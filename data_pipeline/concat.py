@@ -10,6 +10,9 @@ its global position, ``trainer.diffusion.SampleGenerators``), so a resumed run r
 * ``masked_image`` (inpainting, SD-inpainting layout): the latent of the masked image (first stage mode,
   scaled as the diffusion latents) then the mask at the latent size (nearest): latent channels + 1.
 
+A latent cache of a concat task (``data_pipeline.precompute``) stores ``make_condition``'s output per
+sample instead, drawn once from a generator keyed by the sample's identity (``data_pipeline.latents``).
+
 The condition is never dropped for guidance: SD-inpainting and LDM-SR use none on the concat part
 (text guidance still applies when the model also has text cross-attention).
 """
@@ -17,7 +20,7 @@ The condition is never dropped for guidance: SD-inpainting and LDM-SR use none o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,14 @@ class ConcatSettings:
             check_coverage(self.mask_min_coverage, self.mask_max_coverage)
         except ValueError as e:
             raise ValueError(f"model.conditioning.mask_min_coverage / mask_max_coverage: {e}") from None
+
+
+def concat_settings(cond: Any) -> Optional[ConcatSettings]:
+    """``model.conditioning``'s concat input settings (None for concat='none')."""
+    if cond.concat == "none":
+        return None
+    return ConcatSettings(kind=cond.concat, sr_factor=cond.sr_factor, degradation=cond.degradation, mask=cond.mask,
+                          mask_min_coverage=cond.mask_min_coverage, mask_max_coverage=cond.mask_max_coverage)
 
 
 def concat_channels(kind: str, latent_channels: int, image_channels: int = 3) -> int:
