@@ -209,10 +209,11 @@ def check_concat_manifest(manifest: dict[str, Any], expected: Optional[dict[str,
     theirs = manifest.get("concat")
     if expected is None:
         if theirs and strict:
-            raise ValueError(f"{where} holds concat inputs (model.conditioning.concat={theirs.get('kind')!r}), but this "
-                             f"job has model.conditioning.concat='none': it was made for another task; train with "
-                             f"model.conditioning.concat={theirs.get('kind')!r} and its settings, or precompute a cache "
-                             f"without concat")
+            kind = theirs.get("kind")
+            raise ValueError(f"{where} holds concat inputs (model.conditioning.concat={kind!r}), but this job has "
+                             f"model.conditioning.concat='none': it was made for another task; train with "
+                             f"model.conditioning.concat={kind!r} and its settings, or precompute a cache without "
+                             f"concat")
         return
     if not theirs:
         raise ValueError(f"{where} holds no concat inputs, but model.conditioning.concat={expected['kind']!r} needs "

@@ -1,6 +1,7 @@
 """Super-resolution and inpainting as tasks (issue 18): the real-size presets' parameter counts, the
-conditioning keys that make the concat input, bad input refused before work naming the key, and (slow)
-the demo recipes shortened, plus bitwise resume of each concat task."""
+conditioning keys that make the concat input, bad input refused before work naming the key, the latent
+cache of a concat task (what it stores, a cache of another task refused; slow: trained from, resumed,
+the on-the-fly losses), and (slow) the demo recipes shortened, plus bitwise resume of each concat task."""
 
 from __future__ import annotations
 
@@ -167,6 +168,64 @@ def test_a_concat_cache_made_for_another_task_is_refused_naming_the_key(concat_c
         check_concat_manifest(masked, None, where)
     check_concat_manifest(masked, None, where, strict=False)  # data.latent_cache_check=false: the inputs are unused
     check_concat_manifest(plain, None, where)
+
+
+def _cached_run(cache: Path, kind: str, *extra: str) -> list[str]:
+    """trainer.train overrides of a concat run streaming from ``cache``."""
+    return [*CONCAT_LATENT[kind], "data.kind=webdataset", f"data.latent_cache={cache}", "eval.prompts=[]",
+            "checkpoint.interval_steps=100", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(CONCAT_LATENT))
+def test_training_from_cached_concat_inputs_resumes_bitwise(concat_caches, tmp_path, kind):
+    """A concat run from its cache (no first-stage encode, no degradation or mask drawn) stopped at step 3
+    and resumed gives the uninterrupted run's losses bitwise."""
+    cache = concat_caches[kind]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    proc = th.run(reference, _cached_run(cache, kind, "train.max_steps=6"))
+    assert f"training from the cached concat inputs ({kind})" in proc.stderr
+    th.run(resumed, _cached_run(cache, kind, "train.max_steps=3"))
+    th.run(resumed, _cached_run(cache, kind, "train.max_steps=6"))
+    want, got = th.losses(reference), th.losses(resumed)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(4, 7):
+        assert got[step] == want[step], (step, got[step], want[step])
+    assert len(set(want.values())) == 6
+
+
+@pytest.mark.slow
+def test_cached_lowres_inputs_give_the_on_the_fly_losses(tmp_path):
+    """Bicubic super-resolution draws nothing, so the cached and the on-the-fly concat inputs are the same
+    draws: training from the cache gives the losses of degrading and encoding at every step (fp32 cache,
+    posterior means: within 1e-5)."""
+    cache = tmp_path / "bicubic"
+    _precompute(cache, "lowres", "model.conditioning.degradation=bicubic")
+    common = [*CONCAT_LATENT["lowres"], "model.conditioning.degradation=bicubic", "eval.prompts=[]",
+              "train.max_steps=4", "train.sample_posterior=false", "data.num_workers=1", "data.shuffle_buffer=64",
+              "checkpoint.interval_steps=100", "data.kind=webdataset"]
+    urls = f"data.urls=[{th.ROOT / '.cache' / 'data' / 'digits16' / SHARD}]"
+    th.run(tmp_path / "raw", [*common, urls])
+    th.run(tmp_path / "cached", [*common, f"data.latent_cache={cache}"])
+    raw, cached = th.losses(tmp_path / "raw"), th.losses(tmp_path / "cached")
+    assert sorted(raw) == sorted(cached) == [1, 2, 3, 4]
+    assert all(abs(raw[s] - cached[s]) <= 1e-5 * abs(raw[s]) for s in raw), (raw, cached)
+
+
+@pytest.mark.slow
+def test_a_cache_of_another_task_is_refused_before_the_first_step(concat_caches, tmp_path):
+    """trainer.train refuses, before step 1, a concat cache with other settings than the run's and a concat
+    cache under a run without concat, naming the key and both values."""
+    other = th.run(tmp_path / "other", _cached_run(concat_caches["lowres"], "lowres", "train.max_steps=1",
+                                                   "model.conditioning.degradation=bicubic"), expect=None)
+    out = other.stdout + other.stderr
+    assert other.returncode != 0 and "model.conditioning.degradation: cache 'bsr_light', this job 'bicubic'" in out
+    assert "step 1/" not in out
+    plain = th.run(tmp_path / "plain", ["model=tiny_kl", "data.kind=webdataset", "train.max_steps=1",
+                                        f"data.latent_cache={concat_caches['masked_image']}", "eval.prompts=[]"],
+                   expect=None)
+    out = plain.stdout + plain.stderr
+    assert plain.returncode != 0 and "this job has model.conditioning.concat='none'" in out and "step 1/" not in out
 
 
 def _png(path: Path, size: int, channels: int = 3) -> str:

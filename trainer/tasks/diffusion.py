@@ -149,7 +149,8 @@ class DiffusionTask(Task):
         else:  # class labels for the embedder inside the engine; nothing for an unconditional UNet
             cond = labels.to(self.ctx.device) if self.cross_attn == "class" else None
         model_fn = self._model_fn
-        if self.concat is not None:  # drawn after the latents', before the timesteps and noise; never dropped
+        # Drawn after the latents', before the timesteps and noise (nothing drawn from a cache); never dropped.
+        if self.concat is not None:
             concat = self._concat_input(batch, gens, tuple(x0.shape[-2:]))  # (B, C_concat, h, w)
             model_fn = lambda x_t, t, c: self._model_fn(torch.cat([x_t, concat.to(x_t)], dim=1), t, c)  # noqa: E731
         losses = self.diffusion.training_losses(model_fn, x0, cond, generator=gens)
