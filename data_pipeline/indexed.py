@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data_pipeline.decode import BadSample, LabelSpec, Transform, caption_of, decode_sample, label_of, metadata_of
-from data_pipeline.latents import decode_sample_parts, decode_text_part
+from data_pipeline.latents import decode_concat_part, decode_sample_parts, decode_text_part
 from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import RetryPolicy, expand_urls
 
@@ -33,6 +33,7 @@ class Samples:
     skipped: Counter = field(default_factory=Counter)
     latents: torch.Tensor | None = None  # (N, C, h, w) posterior means of a latent cache
     text_contexts: torch.Tensor | None = None  # (N, L, D) a frozen text encoder's cached outputs
+    concat_inputs: torch.Tensor | None = None  # (N, C_concat, h, w) a concat task's cached concat inputs
     labels: torch.Tensor | None = None  # (N,) int64 class labels (data.label_key), for class conditioning
 
 
@@ -41,13 +42,14 @@ def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_opti
     """Every sample of a latent cache's shards in memory, in shard order (a mean-only or
     deterministic posterior: the mode is what in-memory training uses); with ``labels``, each
     sample's class (a sample without a valid one is skipped and counted)."""
-    means, captions, keys, contexts, classes = [], [], [], [], []
+    means, captions, keys, contexts, concats, classes = [], [], [], [], [], []
     skipped: Counter = Counter()
     tasks = [ShardTask(shard, url) for shard, url in enumerate(urls)]
     for task, item in read_samples(tasks, storage_options or {}, RetryPolicy(max_retries=2), skipped):
         try:
             mean, logvar = decode_sample_parts(item.parts)
             context = decode_text_part(item.parts)
+            concat = decode_concat_part(item.parts)
             meta = metadata_of(item.parts)
             caption = caption_of(item.parts, caption_key, meta, required=labels is None)
             if labels is not None:
@@ -60,13 +62,15 @@ def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_opti
                              f"precompute with precompute.store=mean, or stream it with data.kind=webdataset")
         means.append(mean)
         contexts.append(context)
+        concats.append(concat)
         captions.append(caption)
         keys.append(item.key)
     if not means:
         raise ValueError(f"no usable samples in the latent cache {urls[:3]} (skipped: {dict(skipped)})")
     text = torch.stack(contexts) if all(c is not None for c in contexts) else None
+    concat_inputs = torch.stack(concats) if all(c is not None for c in concats) else None
     return Samples(images=None, captions=captions, keys=keys, skipped=skipped, latents=torch.stack(means),
-                   text_contexts=text, labels=torch.tensor(classes, dtype=torch.int64) if labels is not None else None)
+                   text_contexts=text, concat_inputs=concat_inputs, labels=torch.tensor(classes, dtype=torch.int64) if labels is not None else None)
 
 
 def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str], caption_key: str,
@@ -157,6 +161,8 @@ class InMemoryBatches:
                 batch["latent_mean"] = self.samples.latents[torch.from_numpy(idx)]
                 if self.samples.text_contexts is not None:
                     batch["text_context"] = self.samples.text_contexts[torch.from_numpy(idx)]
+                if self.samples.concat_inputs is not None:
+                    batch["concat_input"] = self.samples.concat_inputs[torch.from_numpy(idx)]  # (B, C_concat, h, w)
             else:
                 batch["images"] = self.samples.images[torch.from_numpy(idx)].float() / 127.5 - 1.0
             out.append(batch)

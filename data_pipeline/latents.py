@@ -12,7 +12,16 @@ Layout of a cache at ``<out>`` (any fsspec URL):
   and shift, resolution, crop policy, source shard list with counts, skips, time, version);
 - with ``precompute.text=true``, a frozen text encoder's per-token outputs too: ``{key}.text.safetensors``
   (tensor ``context``, (L, D)) per sample, ``empty_prompt.safetensors`` once (the empty prompt's, for
-  condition dropout) and the manifest's ``text`` entry (the encoder's checksum and config, dtype).
+  condition dropout) and the manifest's ``text`` entry (the encoder's checksum and config, dtype);
+- for a concat-conditioned task (``model.conditioning.concat``, issue 18), the concat input exactly as
+  training makes it: ``{key}.concat.safetensors`` (tensor ``concat``, (C_concat, h, w) at the latent
+  size: the degraded image for ``lowres``, the masked image's latent (the first stage's mode, scaled)
+  and the mask for ``masked_image``) and the manifest's ``concat`` entry (the settings it was made
+  with, its channels and dtype, and how each sample's draw was keyed). The draw is made once per
+  sample, from a generator keyed by the seed and the sample's shard and key (``concat_generator``):
+  a cache is reproducible, but every visit of a sample sees the same degradation / mask, where
+  training from images draws a new one per visit (the cached latent itself keeps its posterior and is
+  sampled at each step).
 
 Training from a cache compares the manifest with its own config (``check_manifest``) and refuses a
 mismatch, naming the fields, unless ``data.latent_cache_check=false``.
@@ -37,6 +46,7 @@ from data_pipeline.decode import BadSample
 MANIFEST = "manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
 TEXT_MEMBER = "text.safetensors"
+CONCAT_MEMBER = "concat.safetensors"
 FORMAT_VERSION = 1
 STORES = ("mean_logvar", "mean")
 DTYPES = ("fp16", "fp32")
@@ -162,6 +172,75 @@ def decode_text_part(parts: dict[str, bytes]) -> Optional[torch.Tensor]:
         return load_safetensors(parts[TEXT_MEMBER])["context"].float()
     except Exception as e:  # noqa: BLE001 - a damaged member raises several types
         raise BadSample("undecodable_text", f"{type(e).__name__}: {e}") from None
+
+
+# The ConcatSettings fields each concat kind is made from.
+CONCAT_KEYS = {"lowres": ("kind", "sr_factor", "degradation"),
+               "masked_image": ("kind", "mask", "mask_min_coverage", "mask_max_coverage")}
+
+
+def concat_generator(seed: int, shard: str, key: str) -> torch.Generator:
+    """The generator of one cached sample's concat draw: keyed by ``seed`` and the sample's identity
+    (source shard name and key, unique within a cache), so any worker split gives the same draws."""
+    digest = hashlib.sha256(f"{seed}/{shard}/{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+
+
+def concat_spec(settings: Any, channels: int, *, seed: int, dtype: str) -> dict[str, Any]:
+    """The manifest's ``concat`` entry: the ``model.conditioning`` settings (a ``ConcatSettings``) the
+    cached concat inputs were made with - those of its kind only (a lowres cache does not depend on
+    the mask settings) - their channels, dtype, and how the draws were keyed."""
+    used = CONCAT_KEYS[settings.kind]
+    return {**{k: v for k, v in asdict(settings).items() if k in used}, "channels": channels, "seed": seed,
+            "dtype": dtype, "draw": "once per sample: sha256(seed/shard/key)"}
+
+
+# Settings that only tell how a cache was made, not what it holds for training: a difference is allowed.
+_CONCAT_INFO = ("seed", "dtype", "draw")
+
+
+def check_concat_manifest(manifest: dict[str, Any], expected: Optional[dict[str, Any]], where: str, *,
+                          strict: bool = True) -> None:
+    """Refuse cached concat inputs made for another task than this job's (``expected``: its
+    ``concat_spec``, None for a job without concat conditioning), naming each differing key with
+    both values. A concat job needs them (no images to make them from), so their absence and a
+    different kind or channel count are refused even with ``strict=False``
+    (``data.latent_cache_check=false``); so is a concat cache under a job without concat, when strict."""
+    theirs = manifest.get("concat")
+    if expected is None:
+        if theirs and strict:
+            kind = theirs.get("kind")
+            raise ValueError(f"{where} holds concat inputs (model.conditioning.concat={kind!r}), but this job has "
+                             f"model.conditioning.concat='none': it was made for another task; train with "
+                             f"model.conditioning.concat={kind!r} and its settings, or precompute a cache without "
+                             f"concat")
+        return
+    if not theirs:
+        raise ValueError(f"{where} holds no concat inputs, but model.conditioning.concat={expected['kind']!r} needs "
+                         f"them (a latent cache holds no images to make them from): re-run the precompute with this "
+                         f"job's model.conditioning settings")
+    always = ("kind", "channels")
+    diffs = [f"model.conditioning.{'concat' if k == 'kind' else k}: cache {theirs.get(k)!r}, this job {v!r}"
+             for k, v in expected.items() if k not in _CONCAT_INFO and theirs.get(k) != v and (strict or k in always)]
+    if diffs:
+        raise ValueError(f"{where}: its concat inputs were made for another task than this job's:\n  "
+                         + "\n  ".join(diffs) + "\nre-run the precompute with this job's model.conditioning settings")
+
+
+def encode_concat_part(concat: torch.Tensor, dtype: str) -> dict[str, bytes]:
+    """The tar member holding one sample's concat input (C_concat, h, w)."""
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    return {CONCAT_MEMBER: save_safetensors({"concat": concat.to(torch_dtype).contiguous()})}
+
+
+def decode_concat_part(parts: dict[str, bytes]) -> Optional[torch.Tensor]:
+    """A cached sample's concat input as float32 (C_concat, h, w), None when the cache holds none."""
+    if CONCAT_MEMBER not in parts:
+        return None
+    try:
+        return load_safetensors(parts[CONCAT_MEMBER])["concat"].float()
+    except Exception as e:  # noqa: BLE001 - a damaged member raises several types
+        raise BadSample("undecodable_concat", f"{type(e).__name__}: {e}") from None
 
 
 def read_empty_prompt(cache: str, storage_options: dict[str, Any]) -> torch.Tensor:

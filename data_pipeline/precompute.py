@@ -10,6 +10,10 @@ of a SLURM array (``SLURM_ARRAY_TASK_ID``), of ``srun``, or the ranks of ``torch
 launcher; no process group is needed. A finished shard (its tar and ``.tar.json`` sidecar) is
 skipped on rerun, so a killed job redoes only what is missing; the worker that finds every shard
 done writes ``manifest.json``.
+
+A concat-conditioned task (``model.conditioning.concat``, issue 18) gets its concat input cached too,
+drawn once per sample from a generator keyed by ``train.seed`` and the sample's shard and key
+(``data_pipeline.latents.concat_generator``), so that training needs no first-stage encode.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import torch
 from omegaconf import DictConfig
 
 from data_pipeline.batches import digits_dataset
+from data_pipeline.concat import ConcatSettings, concat_settings, make_condition
 from data_pipeline.config import DataConfig, PrecomputeConfig
 from data_pipeline.decode import BadSample, Transform, decode_sample, metadata_of
-from data_pipeline.latents import (EMPTY_PROMPT, FORMAT_VERSION, MANIFEST, cache_spec, encode_sample_parts,
-                                   TEXT_MEMBER, encode_text_part, read_json, text_spec)
+from data_pipeline.latents import (EMPTY_PROMPT, FORMAT_VERSION, MANIFEST, TEXT_MEMBER, cache_spec, concat_generator,
+                                   concat_spec, encode_concat_part, encode_sample_parts, encode_text_part, read_json,
+                                   text_spec)
 from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import expand_urls, install_s3_defaults
 from data_pipeline.stream import buckets_of, member_limits, options_of, spec_from_config
@@ -79,9 +85,13 @@ def _names(urls: list[str]) -> list[str]:
 
 def encode_shard(index: int, url: str, out_url: str, data: DataConfig, pre: PrecomputeConfig,
                  first_stage: torch.nn.Module, device: torch.device, storage_options: dict[str, Any],
-                 encode_text: Optional[Callable[[list[str]], torch.Tensor]] = None) -> dict[str, Any]:
+                 encode_text: Optional[Callable[[list[str]], torch.Tensor]] = None,
+                 concat: Optional[ConcatSettings] = None, concat_seed: int = 0) -> dict[str, Any]:
     """Encode one source shard into ``out_url`` with the decoding of ``data`` and the storage of
-    ``pre`` (and, with ``encode_text``, the captions' text-encoder outputs); returns its sidecar record."""
+    ``pre`` (and, with ``encode_text``, the captions' text-encoder outputs; with ``concat``, each
+    sample's concat input as training makes it, drawn from ``concat_generator(concat_seed, ...)``);
+    returns its sidecar record."""
+    shard = url.rstrip("/").rsplit("/", 1)[-1]
     transform = Transform(crop=data.crop, flip_prob=0.0, max_pixels=data.max_pixels, draft=data.draft)
     buckets = buckets_of(data)
     skipped: Counter = Counter()
@@ -107,6 +117,7 @@ def encode_shard(index: int, url: str, out_url: str, data: DataConfig, pre: Prec
         samples.append((item.key, meta, out.example.image, kept))
     # Encode in batches of one shape (buckets), then write in the shard's order.
     latents: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    concats: dict[int, dict[str, bytes]] = {}
     by_shape: dict[tuple, list[int]] = {}
     for i, (_, _, image, _) in enumerate(samples):
         by_shape.setdefault(image.shape, []).append(i)
@@ -124,6 +135,12 @@ def encode_shard(index: int, url: str, out_url: str, data: DataConfig, pre: Prec
                     else None
                 for j, i in enumerate(chunk):
                     latents[i] = (mean[j], logvar[j] if logvar is not None else None)
+                if concat is not None:  # in fp32 as at train time (no autocast): the cache holds what training makes
+                    generators = [concat_generator(concat_seed, shard, samples[i][0]) for i in chunk]
+                    made = make_condition(first_stage, x.float(), generators, concat,
+                                          tuple(mean.shape[-2:])).float().cpu()  # (B, C_concat, h, w)
+                    for j, i in enumerate(chunk):
+                        concats[i] = encode_concat_part(made[j], pre.dtype)
     texts: list[dict[str, bytes]] = [{} for _ in samples]
     if encode_text is not None:
         with torch.no_grad():
@@ -136,7 +153,8 @@ def encode_shard(index: int, url: str, out_url: str, data: DataConfig, pre: Prec
             mean, logvar = latents[i]
             meta["latent_shape"] = list(mean.shape)
             writer.write(key, {**parts, "json": json.dumps(meta, sort_keys=True).encode(),
-                               **encode_sample_parts(mean, logvar, dtype=pre.dtype, fmt=pre.format), **texts[i]})
+                               **encode_sample_parts(mean, logvar, dtype=pre.dtype, fmt=pre.format), **texts[i],
+                               **concats.get(i, {})})
     return {"source": url, "samples": len(samples), "skipped": dict(sorted(skipped.items()))}
 
 
@@ -182,6 +200,9 @@ def run_precompute(cfg: TrainConfig) -> dict[str, Any] | None:
 
         def encode_text(captions: list[str]) -> torch.Tensor:
             return encoder(tokenizer(captions).to(device)).float().cpu()  # (B, L, D)
+    concat = concat_settings(cfg.model.conditioning)  # None without concat conditioning
+    concat_entry = None if concat is None else concat_spec(concat, cfg.model.conditioning.concat_channels,
+                                                           seed=cfg.train.seed, dtype=pre.dtype)
     mine = [i for i in range(len(urls)) if i % count == index]
     todo = [i for i in mine if read_json(fs, f"{root}/{names[i]}.json") is None or not fs.exists(f"{root}/{names[i]}")]
     log.info("worker %d/%d: %d of its %d shards to encode (of %d) into %s", index, count, len(todo), len(mine),
@@ -191,7 +212,7 @@ def run_precompute(cfg: TrainConfig) -> dict[str, Any] | None:
         for stale in fs.glob(f"{root}/{names[i]}.tmp-*"):  # a killed run's partial output
             fs.rm_file(stale)
         record = encode_shard(i, urls[i], f"{pre.out.rstrip('/')}/{names[i]}", cfg.data, pre, first_stage, device,
-                              options_of(cfg.data, urls[i]), encode_text)
+                              options_of(cfg.data, urls[i]), encode_text, concat, cfg.train.seed)
         _write_json(fs, f"{root}/{names[i]}.json", record)  # the shard counts as done from here
         done_samples += record["samples"]
         if index == 0:  # progress: a live line on a terminal, a log line per shard otherwise
@@ -216,6 +237,7 @@ def run_precompute(cfg: TrainConfig) -> dict[str, Any] | None:
         with torch.no_grad():
             fs.pipe_file(f"{root}/{EMPTY_PROMPT}", encode_text_part(encode_text([""])[0], pre.dtype)[TEXT_MEMBER])
     manifest = {"format_version": FORMAT_VERSION, "spec": spec.as_dict(), "shards": names, "text": text,
+                "concat": concat_entry,
                 "sources": [{"url": r["source"], "samples": r["samples"]} for r in records],
                 "samples": sum(r["samples"] for r in records), "skipped": dict(sorted(skipped.items())),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "software": f"ldm-platform {version('ldm-platform')}"}

@@ -25,7 +25,7 @@ import torch
 
 from data_pipeline.decode import (BadSample, Filters, LabelSpec, Transform, aspect_buckets, caption_of, decode_sample,
                                   label_of, metadata_of)
-from data_pipeline.latents import cache_shard_urls, decode_sample_parts, decode_text_part
+from data_pipeline.latents import cache_shard_urls, decode_concat_part, decode_sample_parts, decode_text_part
 from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, STREAMS_PER_READER, Position, SourceInfo,
                                     StreamCursor, SubCursor, default_streams, layouts_for, window_for, source_choices, stream_shards, window_order)
 from data_pipeline.shards import MemberLimits, RawSample, ShardEnd, ShardTask, read_shard
@@ -347,7 +347,7 @@ def cached_example(spec: StreamSpec, ref: _Ref) -> dict[str, Any]:
     label = label_of(ref.parts, spec.labels, meta) if spec.labels is not None else None
     mean, logvar = decode_sample_parts(ref.parts)
     return {"bucket": tuple(mean.shape), "latent_mean": mean, "latent_logvar": logvar, "caption": caption,
-            "label": label, "text_context": decode_text_part(ref.parts),
+            "label": label, "text_context": decode_text_part(ref.parts), "concat_input": decode_concat_part(ref.parts),
             "original_size": tuple(meta.get("original_size", (0, 0))),
             "crop_top_left": tuple(meta.get("crop_top_left", (0, 0)))}
 
@@ -472,6 +472,8 @@ def collate(spec: StreamSpec, examples: list[dict[str, Any]]) -> dict[str, Any]:
             batch["latent_logvar"] = torch.stack([e["latent_logvar"] for e in examples])
         if all(e["text_context"] is not None for e in examples):
             batch["text_context"] = torch.stack([e["text_context"] for e in examples])
+        if all(e["concat_input"] is not None for e in examples):
+            batch["concat_input"] = torch.stack([e["concat_input"] for e in examples])  # (B, C_concat, h, w)
     else:
         batch["images"] = torch.from_numpy(np.stack([e["image"] for e in examples])).permute(0, 3, 1, 2).contiguous()
     return batch

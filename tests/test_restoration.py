@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipeline.concat import ConcatSettings, concat_channels, make_condition
 from data_pipeline.degrade import bicubic_downsample, bicubic_upsample, bsr_light, degrade
 from data_pipeline.masks import draw_masks, half_mask, mask_at, masked_images, strokes_boxes_mask
 from data_pipeline.demo_digits import DigitClassifier, build_digits_shards
@@ -19,7 +20,6 @@ from trainer.models.autoencoder import IdentityFirstStage
 from trainer.diffusion import DiffusionConfig, build_diffusion
 from trainer.models.unet import UNetConfig, UNetModel
 from trainer.sampling.concat import WithConcat, concat_to_image
-from trainer.tasks.concat import ConcatSettings, concat_channels, make_condition
 
 
 def _images(seed: int, batch: int = 2, size: int = 16) -> torch.Tensor:

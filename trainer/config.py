@@ -93,12 +93,6 @@ class TrainConfig:
     def _check_conditioning(self) -> None:
         """What a class-conditional or unconditional job needs from the data and the eval protocol."""
         cond = self.model.conditioning
-        if cond.concat != "none" and self.data.latent_cache:
-            # A cache holds the images' latents only; the concat input (the low-resolution image, the masked
-            # image and its mask) is drawn from the high-resolution image per sample, which it does not keep.
-            raise invalid("data.latent_cache", self.data.latent_cache,
-                          f"null with model.conditioning.concat={cond.concat!r}: the concat input is made from the "
-                          f"high-resolution image at each step, and a latent cache holds no images")
         if cond.cross_attn == "class":
             if self.data.label_key is None:
                 raise invalid("data.label_key", None, "where each sample's class is (a part such as cls, or "

@@ -24,6 +24,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from data_pipeline.concat import condition_from
 from data_pipeline.sources import S3Options, install_s3_defaults
 from trainer.checks import is_int
 from trainer.cli import CLI_CONF_DIR, hydra_command, run_cli
@@ -32,7 +33,6 @@ from trainer.inference import load_for_inference, run_config
 from trainer.runtime.device import check_device, select_device
 from trainer.sampling.concat import concat_to_image
 from trainer.sampling.pipeline import text_to_image
-from trainer.tasks.concat import condition_from
 from trainer.sampling.samplers import SAMPLERS
 
 log = logging.getLogger("trainer.sample")

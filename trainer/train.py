@@ -27,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from data_pipeline.batches import build_batches, latent_cache_manifest
-from data_pipeline.latents import cache_spec, check_manifest, check_text_manifest, read_empty_prompt, text_spec
+from data_pipeline.concat import concat_settings
+from data_pipeline.latents import (cache_spec, check_concat_manifest, check_manifest, check_text_manifest, concat_spec,
+                                   read_empty_prompt, text_spec)
 from data_pipeline.sources import install_s3_defaults
 from data_pipeline.stream import buckets_of, options_of
 from trainer.config import TrainConfig, check_compatible, config_fingerprint
@@ -60,11 +62,22 @@ def build_task(cfg: TrainConfig, ctx: TaskContext, batches, digits) -> Task:
 
 
 def _latent_cache_check(cfg: TrainConfig) -> Callable[[nn.Module], None]:
-    """Refuses a latent cache made with another first stage, size, crop or buckets than this job's."""
+    """Refuses a latent cache made with another first stage, size, crop or buckets than this job's, or
+    for another task (its concat inputs: ``check_concat_manifest``)."""
     def check(first_stage: nn.Module) -> None:
-        if not (cfg.data.latent_cache and cfg.data.latent_cache_check):
+        if not cfg.data.latent_cache:
             return
         manifest = latent_cache_manifest(cfg.data)
+        concat = concat_settings(cfg.model.conditioning)
+        expected = None if concat is None else concat_spec(concat, cfg.model.conditioning.concat_channels,
+                                                           seed=cfg.train.seed, dtype=cfg.precompute.dtype)
+        check_concat_manifest(manifest, expected, f"data.latent_cache={cfg.data.latent_cache!r}",
+                              strict=cfg.data.latent_cache_check)
+        if expected is not None:
+            log.info("training from the cached concat inputs (%s) of %s: the first stage does not run", concat.kind,
+                     cfg.data.latent_cache)
+        if not cfg.data.latent_cache_check:
+            return
         spec = cache_spec(first_stage, cfg.model.autoencoder, image_size=cfg.data.image_size, crop=cfg.data.crop,
                           buckets=buckets_of(cfg.data), store=cfg.precompute.store, dtype=cfg.precompute.dtype)
         check_manifest(manifest, spec, f"data.latent_cache={cfg.data.latent_cache!r}")

@@ -44,7 +44,7 @@ class ConditioningConfig:
     embed_dim: int = 0
     concat: str = "none"
     concat_channels: int = 0
-    # How the concat input is made from the image (trainer/tasks/concat.py), read for its kind only:
+    # How the concat input is made from the image (data_pipeline/concat.py), read for its kind only:
     # lowres: the low-resolution image is H / sr_factor, made by ``degradation`` (the paper's bicubic x4,
     # or a seeded light BSR degradation); masked_image: masks of kind ``mask`` (LaMa-style strokes and
     # boxes covering [mask_min_coverage, mask_max_coverage] of the image, or one half).

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from data_pipeline.concat import concat_settings, make_condition
 from data_pipeline.demo_digits import DigitsDatasetInfo
 from eval.config import EvalConfig
 from eval.protocol import (EvalFailed, build_scorers, load_reference, protocol_conditions, results_record,
@@ -35,7 +36,6 @@ from trainer.runtime.ema import EMA, copy_into
 from trainer.runtime.engine import apply_channels_last, trainable_parameters
 from trainer.runtime.tracking import RunTracker
 from trainer.tasks.base import MicroBatch, Task, TaskContext
-from trainer.tasks.concat import ConcatSettings, make_condition
 from trainer.tasks.restoration_eval import evaluate_restoration, grid_of, held_out_set, json_record, scalars_of
 
 log = logging.getLogger("trainer")
@@ -88,14 +88,6 @@ def describe_condition(condition: Any) -> str:
     if condition is None:
         return "unconditional"
     return condition if isinstance(condition, str) else f"class {int(condition)}"
-
-
-def concat_settings(cond: Any) -> Optional[ConcatSettings]:
-    """``model.conditioning``'s concat input settings (None for concat='none')."""
-    if cond.concat == "none":
-        return None
-    return ConcatSettings(kind=cond.concat, sr_factor=cond.sr_factor, degradation=cond.degradation, mask=cond.mask,
-                          mask_min_coverage=cond.mask_min_coverage, mask_max_coverage=cond.mask_max_coverage)
 
 
 class DiffusionTask(Task):
@@ -157,7 +149,8 @@ class DiffusionTask(Task):
         else:  # class labels for the embedder inside the engine; nothing for an unconditional UNet
             cond = labels.to(self.ctx.device) if self.cross_attn == "class" else None
         model_fn = self._model_fn
-        if self.concat is not None:  # drawn after the latents', before the timesteps and noise; never dropped
+        # Drawn after the latents', before the timesteps and noise (nothing drawn from a cache); never dropped.
+        if self.concat is not None:
             concat = self._concat_input(batch, gens, tuple(x0.shape[-2:]))  # (B, C_concat, h, w)
             model_fn = lambda x_t, t, c: self._model_fn(torch.cat([x_t, concat.to(x_t)], dim=1), t, c)  # noqa: E731
         losses = self.diffusion.training_losses(model_fn, x0, cond, generator=gens)
@@ -168,9 +161,12 @@ class DiffusionTask(Task):
         return MicroBatch(loss=loss, backward={"model": loss}, flops=flops)
 
     def _concat_input(self, batch: dict[str, Any], gens: SampleGenerators, latent_size: tuple[int, int]) -> torch.Tensor:
-        """The concat condition, made from the batch's high-resolution images with each sample's generator
-        (trainer.tasks.concat); training from a latent cache is refused before the first step
-        (trainer.train), so the images are always there."""
+        """The concat condition: the latent cache's (``concat_input``, drawn once per sample at precompute;
+        trainer.train checked the cache was made for this task), else made from the batch's
+        high-resolution images with each sample's generator (data_pipeline.concat)."""
+        if "concat_input" in batch:
+            return batch["concat_input"].to(self.ctx.device).float()  # (B, C_concat, h, w)
+        assert "images" in batch, "a latent cache without concat inputs is refused before the first step"
         images = batch["images"].to(self.ctx.device)  # (B, 3, H, W) in [-1, 1]
         with torch.no_grad():
             return make_condition(self.first_stage, images, gens.generators, self.concat, latent_size).float()

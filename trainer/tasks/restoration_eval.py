@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.concat import ConcatSettings, condition_from, draw_inputs
 from data_pipeline.degrade import bicubic_upsample
 from eval.config import EvalConfig
 from eval.restoration import held_out_captions, held_out_images, restoration_protocol
 from trainer.diffusion import SampleGenerators
 from trainer.diffusion.schedule import NoiseSchedule
 from trainer.sampling.concat import concat_to_image
-from trainer.tasks.concat import ConcatSettings, condition_from, draw_inputs
 
 MAX_IMAGES = 1000  # held-out images scored at most (the demo's digits have 179)
 

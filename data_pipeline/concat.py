@@ -12,6 +12,9 @@ its global position, ``trainer.diffusion.SampleGenerators``), so a resumed run r
   the order of CompVis' ``LatentInpaintDiffusion`` and diffusers' ``StableDiffusionInpaintPipeline``, so
   their checkpoints' ``conv_in`` needs no permutation.
 
+A latent cache of a concat task (``data_pipeline.precompute``) stores ``make_condition``'s output per
+sample instead, drawn once from a generator keyed by the sample's identity (``data_pipeline.latents``).
+
 The condition is never dropped for guidance: SD-inpainting and LDM-SR use none on the concat part
 (text guidance still applies when the model also has text cross-attention).
 """
@@ -19,7 +22,7 @@ The condition is never dropped for guidance: SD-inpainting and LDM-SR use none o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +59,14 @@ class ConcatSettings:
             check_coverage(self.mask_min_coverage, self.mask_max_coverage)
         except ValueError as e:
             raise ValueError(f"model.conditioning.mask_min_coverage / mask_max_coverage: {e}") from None
+
+
+def concat_settings(cond: Any) -> Optional[ConcatSettings]:
+    """``model.conditioning``'s concat input settings (None for concat='none')."""
+    if cond.concat == "none":
+        return None
+    return ConcatSettings(kind=cond.concat, sr_factor=cond.sr_factor, degradation=cond.degradation, mask=cond.mask,
+                          mask_min_coverage=cond.mask_min_coverage, mask_max_coverage=cond.mask_max_coverage)
 
 
 def concat_channels(kind: str, latent_channels: int, image_channels: int = 3) -> int:
