@@ -19,7 +19,7 @@ from trainer.inference import LoadedModel
 from trainer.interchange import build_networks, export_diffusers, load_pretrained
 from trainer.models.config import build_components
 from trainer.sampling.concat import concat_to_image
-from trainer.tasks.concat import lowres_to_latent_size, masked_image_condition
+from data_pipeline.concat import lowres_to_latent_size, masked_image_condition
 
 diffusers = pytest.importorskip("diffusers")
 
