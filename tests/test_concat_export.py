@@ -57,11 +57,17 @@ def _to01(images: torch.Tensor):
     return ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
 
 
-def test_superres_exports_an_ldm_superresolution_pipeline_that_samples_like_ours(compose, tmp_path: Path) -> None:
-    model = _loaded(compose, SUPERRES)
+# The same on a tiny VQ first stage (CompVis LDM-SR's kind): the scale and shift fold into the codebook too.
+SUPERRES_VQ = [*SUPERRES, "model.autoencoder.kind=vq", "model.autoencoder.double_z=false", "model.autoencoder.n_embed=64"]
+
+
+@pytest.mark.parametrize("overrides, first_stage", [(SUPERRES, "AutoencoderKL"), (SUPERRES_VQ, "VQModel")])
+def test_superres_exports_an_ldm_superresolution_pipeline_that_samples_like_ours(compose, tmp_path: Path, overrides,
+                                                                                first_stage) -> None:
+    model = _loaded(compose, overrides)
     out = export_diffusers(model, tmp_path / "sr")
     index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "LDMSuperResolutionPipeline"
+    assert index["_class_name"] == "LDMSuperResolutionPipeline" and index["vqvae"] == ["diffusers", first_stage]
     assert json.loads((out / "vqvae" / "config.json").read_text())["scaling_factor"] == 1.0
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     assert type(pipe).__name__ == "LDMSuperResolutionPipeline"

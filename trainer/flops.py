@@ -231,7 +231,7 @@ def _ae_attn(channels: int, pixels: int) -> Flops:
 
 
 def first_stage_flops(cfg: AutoencoderConfig, height: int, width: int) -> tuple[Flops, Flops]:
-    """(encode, decode) of one ``height x width`` image through the KL autoencoder, forward only (the
+    """(encode, decode) of one ``height x width`` image through the KL (or VQ) autoencoder, forward only (the
     first stage is frozen while the diffusion model trains); zero for the identity first stage.
     Attention sits where CompVis puts it: at the levels whose *config* resolution is listed."""
     if cfg.kind == "identity":
@@ -252,9 +252,13 @@ def first_stage_flops(cfg: AutoencoderConfig, height: int, width: int) -> tuple[
             enc += _conv(c_out, c_out, 3, h * w)
     top = cfg.ch * cfg.ch_mult[-1]
     mid = _ae_resblock(top, top, h * w) + _ae_attn(top, h * w) + _ae_resblock(top, top, h * w)
-    enc += mid + _conv(top, 2 * cfg.z_channels, 3, h * w) + _conv(2 * cfg.z_channels, 2 * cfg.embed_dim, 1, h * w)
+    moments = 1 if cfg.kind == "vq" else 2  # a VQ encoder emits the latent, a KL one its mean and log-variance
+    enc += (mid + _conv(top, moments * cfg.z_channels, 3, h * w)
+            + _conv(moments * cfg.z_channels, moments * cfg.embed_dim, 1, h * w))
 
     dec = _conv(cfg.embed_dim, cfg.z_channels, 1, h * w) + _conv(cfg.z_channels, top, 3, h * w) + mid
+    if cfg.kind == "vq":  # nearest code: the distance matmul against the codebook
+        dec += _matmul(h * w, cfg.embed_dim, cfg.n_embed, input_grad=False)
     c_in = top
     for i in reversed(range(num_levels)):
         c_out = cfg.ch * cfg.ch_mult[i]

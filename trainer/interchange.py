@@ -169,6 +169,12 @@ def _load_compvis(parts, path: Path, cfg) -> dict[str, Any]:
         summary["dropped"] = report.dropped
     if text_prefix is not None:
         used.append(text_prefix)
+    if parts.class_embedder is not None and take("cond_stage_model."):  # CompVis ClassEmbedder (cin256-v2)
+        classes = take("cond_stage_model.")
+        load_strict(parts.class_embedder, classes, f"model.init_from={str(path)!r} (class embedder; "
+                                                   f"model.conditioning.num_classes + 1 null class rows)")
+        summary["class_embedder"] = len(classes)
+        used.append("cond_stage_model.")
     ignored = sorted(k for k in sd if not k.startswith(tuple(used)))
     if ignored:  # e.g. model_ema.*, the schedule buffers, a visual tower: reported, not loaded
         summary["ignored"] = len(ignored)
@@ -236,7 +242,7 @@ def _load_diffusers(parts, root: Path, cfg) -> dict[str, Any]:
     if vae_dir is not None and hasattr(parts.first_stage, "encoder"):
         vae_config = diffusers_vae_config(cfg.autoencoder)
         if folded:
-            vae_config.update(scaling_factor=1.0, shift_factor=None)
+            vae_config.update(_unit_scale(vae_config))
         _check_config(vae_dir / "config.json", vae_config, f"{where} ({vae_dir.name}/config.json)")
         sd = _read_safetensors(vae_dir / "diffusion_pytorch_model.safetensors", f"{where} ({vae_dir.name})")
         ours, report = vae_from_diffusers(sd, cfg.autoencoder)
@@ -288,7 +294,7 @@ def build_networks(cfg: ModelConfig, seed: int) -> ModelComponents:
             raise FileNotFoundError(f"model.init_from={cfg.init_from!r} does not exist (a diffusers folder, or a "
                                     f"CompVis .ckpt / .safetensors file)")
     parts = build_components(cfg, device="cpu", allow_random_init=text_from_init)
-    if cfg.autoencoder.kind == "kl" and cfg.autoencoder.checkpoint_path is not None:
+    if cfg.autoencoder.kind in ("kl", "vq") and cfg.autoencoder.checkpoint_path is not None:
         load_first_stage_weights(parts.first_stage, cfg.autoencoder.checkpoint_path, cfg.autoencoder)
     if cfg.init_from:
         report = load_pretrained(parts, cfg.init_from, cfg)
@@ -357,7 +363,7 @@ def ldm_pipeline(cfg: ModelConfig) -> bool:
 
 
 def _write_first_stage(model, folder: Path, *, fold_latent: bool = False) -> None:
-    """The first stage as a diffusers ``AutoencoderKL`` in ``folder`` (weights and config). ``fold_latent``:
+    """The first stage as a diffusers ``AutoencoderKL`` (or ``VQModel``) in ``folder`` (weights and config). ``fold_latent``:
     its own latent is our diffusion latent (``fold_latent_affine``; config scaling_factor 1, no shift),
     for a pipeline that decodes latents as they are."""
     cfg = model.cfg.model.autoencoder
@@ -367,9 +373,19 @@ def _write_first_stage(model, folder: Path, *, fold_latent: bool = False) -> Non
     _save(vae_sd, folder / "diffusion_pytorch_model.safetensors")
     config = diffusers_vae_config(cfg)
     if fold_latent:
-        config.update(scaling_factor=1.0, shift_factor=None)
-    _write_json(folder / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+        config.update(_unit_scale(config))
+    _write_json(folder / "config.json", {"_class_name": first_stage_class(cfg), "_diffusers_version": DIFFUSERS_VERSION,
                                          **config})
+
+
+def first_stage_class(cfg) -> str:
+    """The diffusers class of a first stage config (``model.autoencoder``)."""
+    return "VQModel" if cfg.kind == "vq" else "AutoencoderKL"
+
+
+def _unit_scale(vae_config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys of a first stage whose latent scale and shift are folded into its weights."""
+    return {"scaling_factor": 1.0, **({"shift_factor": None} if "shift_factor" in vae_config else {})}
 
 
 def _write_unet2d(model, folder: Path) -> None:
@@ -392,7 +408,7 @@ def _write_ldm_folder(model, out: Path, pipeline: str, overwrite: bool, *, fold_
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(model.cfg.diffusion))
         _write_json(tmp / "model_index.json", {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
                                                "unet": ["diffusers", "UNet2DModel"],
-                                               "vqvae": ["diffusers", "AutoencoderKL"],
+                                               "vqvae": ["diffusers", first_stage_class(model.cfg.model.autoencoder)],
                                                "scheduler": ["diffusers", "DDIMScheduler"]})
         _write_json(tmp / "ldm_platform.json", {"source": model.source, "image_size": model.cfg.data.image_size})
         _commit_dir(tmp, out, overwrite)
@@ -440,7 +456,7 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
     order that pipeline concatenates), ``LDMPipeline`` for an unconditional model and
     ``LDMSuperResolutionPipeline`` for 4x super-resolution."""
     cfg = model.cfg.model
-    if cfg.autoencoder.kind != "kl":
+    if cfg.autoencoder.kind == "identity":
         raise ValueError(f"format=diffusers needs a latent model: model.autoencoder.kind={cfg.autoencoder.kind!r} "
                          f"(pixel space) has no diffusers text-to-image pipeline; use format=safetensors")
     if cfg.conditioning.cross_attn == "class":
@@ -470,6 +486,11 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
                                                    "sample_size": model.latent_shape[1],
                                                    **diffusers_unet_config(cfg.unet)})
         ldm = ldm_pipeline(cfg) and concat == "none"  # inpainting: StableDiffusionInpaintPipeline, whatever the encoder
+        if cfg.autoencoder.kind == "vq" and not ldm:
+            raise ValueError("format=diffusers: StableDiffusion pipelines take an AutoencoderKL; a VQ first stage "
+                             "(model.autoencoder.kind='vq') exports in LDMTextToImagePipeline (the paper's text "
+                             "transformer with 77 positions), LDMPipeline and LDMSuperResolutionPipeline only: "
+                             "use format=safetensors")
         vae_dir = "vqvae" if ldm else "vae"
         _write_first_stage(model, tmp / vae_dir)
         sub, cls, to_theirs, _, text_config = _text_converter(cfg)
@@ -481,7 +502,7 @@ def export_diffusers(model, out: str | Path, *, overwrite: bool = False) -> Path
         tokenizer_class = export_tokenizer(model.tokenizer, tmp / "tokenizer")
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(model.cfg.diffusion))
         index: dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION, "unet": ["diffusers", "UNet2DConditionModel"],
-                                 vae_dir: ["diffusers", "AutoencoderKL"], sub: list(cls),
+                                 vae_dir: ["diffusers", first_stage_class(cfg.autoencoder)], sub: list(cls),
                                  "tokenizer": ["transformers", tokenizer_class], "scheduler": ["diffusers", "DDIMScheduler"]}
         if ldm:
             index["_class_name"] = "LDMTextToImagePipeline"

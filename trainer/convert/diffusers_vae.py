@@ -53,8 +53,8 @@ def _level_has_attn(cfg: AutoencoderConfig) -> list[bool]:
 
 def vae_keymap(cfg: AutoencoderConfig) -> KeyMap:
     """Rows (CompVis key, diffusers key, transform) for every parameter of ``cfg``'s autoencoder."""
-    if cfg.kind != "kl":
-        raise ValueError(f"model.autoencoder.kind={cfg.kind!r}: only kind 'kl' has weights to convert")
+    if cfg.kind not in ("kl", "vq"):
+        raise ValueError(f"model.autoencoder.kind={cfg.kind!r}: only kinds 'kl' and 'vq' have weights to convert")
     km = KeyMap()
     widths = [cfg.ch * m for m in cfg.ch_mult]
     attn = _level_has_attn(cfg)
@@ -94,13 +94,17 @@ def vae_keymap(cfg: AutoencoderConfig) -> KeyMap:
 
     km.add_module("quant_conv", "quant_conv")
     km.add_module("post_quant_conv", "post_quant_conv")
+    if cfg.kind == "vq":
+        km.add("quantize.embedding.weight", "quantize.embedding.weight")
     return km
 
 
 def _check_representable(cfg: AutoencoderConfig) -> None:
+    if cfg.kind == "vq":
+        return  # diffusers.VQModel has latent_channels (z_channels) and vq_embed_dim apart
     if cfg.kind != "kl":
-        raise ValueError(f"model.autoencoder.kind={cfg.kind!r}: only kind 'kl' maps to "
-                         f"diffusers.AutoencoderKL")
+        raise ValueError(f"model.autoencoder.kind={cfg.kind!r}: only kinds 'kl' and 'vq' map to "
+                         f"diffusers.AutoencoderKL / VQModel")
     if cfg.z_channels != cfg.embed_dim:
         raise ValueError(
             f"model.autoencoder.z_channels={cfg.z_channels} and embed_dim={cfg.embed_dim} differ; "
@@ -109,7 +113,8 @@ def _check_representable(cfg: AutoencoderConfig) -> None:
 
 
 def diffusers_vae_config(cfg: AutoencoderConfig) -> dict:
-    """Keyword arguments for ``diffusers.AutoencoderKL`` with the architecture of ``cfg``.
+    """Keyword arguments for ``diffusers.AutoencoderKL`` (kind ``vq``: ``diffusers.VQModel``) with the
+    architecture of ``cfg``.
 
     Levels whose resolution is in ``attn_resolutions`` become ``AttnDownEncoderBlock2D`` /
     ``AttnUpDecoderBlock2D`` (one single-head attention after each resnet, as CompVis).
@@ -119,6 +124,15 @@ def diffusers_vae_config(cfg: AutoencoderConfig) -> dict:
         warnings.warn(f"model.autoencoder.dropout={cfg.dropout} is not representable in "
                       f"diffusers.AutoencoderKL (always 0); the exported model is for inference")
     attn = _level_has_attn(cfg)
+    if cfg.kind == "vq":
+        return dict(
+            in_channels=cfg.in_channels, out_channels=cfg.out_ch,
+            down_block_types=tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn),
+            up_block_types=tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)),
+            block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
+            act_fn="silu", latent_channels=cfg.z_channels, num_vq_embeddings=cfg.n_embed, vq_embed_dim=cfg.embed_dim,
+            norm_num_groups=32, sample_size=cfg.resolution, scaling_factor=cfg.scale_factor, norm_type="group",
+            lookup_from_codebook=False, force_upcast=False)
     return dict(
         in_channels=cfg.in_channels,
         out_channels=cfg.out_ch,
@@ -152,40 +166,44 @@ def vae_from_diffusers(sd: dict[str, torch.Tensor], cfg: AutoencoderConfig
 
 def fold_latent_affine(sd: dict[str, torch.Tensor], cfg: AutoencoderConfig) -> dict[str, torch.Tensor]:
     """CompVis-layout weights whose own latent is this model's diffusion latent ``(z - shift) * scale``:
-    the affine map is folded into the 1x1 ``quant_conv`` (posterior mean scaled and shifted, log-variance
-    raised by ``2 ln scale``) and ``post_quant_conv`` (input divided by ``scale``, the shift moved into the
-    bias). For pipelines that decode a latent as it is, with no ``scaling_factor`` (diffusers'
+    the affine map is folded into the 1x1 ``quant_conv`` (kind ``kl``: the posterior mean scaled and
+    shifted, the log-variance raised by ``2 ln scale``; kind ``vq``: the latent and the codebook alike,
+    which keeps every nearest code) and ``post_quant_conv`` (input divided by ``scale``, the shift moved
+    into the bias). For pipelines that decode a latent as it is, with no ``scaling_factor`` (diffusers'
     ``LDMSuperResolutionPipeline``); exact up to float rounding. ``unfold_latent_affine`` inverts it."""
-    scale, shift, e = float(cfg.scale_factor), float(cfg.shift_factor), cfg.embed_dim
-    out = dict(sd)
-    qw, qb = sd["quant_conv.weight"].double().clone(), sd["quant_conv.bias"].double().clone()  # (2E, 2Z, 1, 1), (2E,)
-    qw[:e] *= scale
-    qb[:e] = (qb[:e] - shift) * scale
-    qb[e:] += 2.0 * math.log(scale)
-    pw, pb = sd["post_quant_conv.weight"].double(), sd["post_quant_conv.bias"].double()  # (Z, E, 1, 1), (Z,)
-    out["quant_conv.weight"], out["quant_conv.bias"] = qw, qb
-    out["post_quant_conv.weight"] = pw / scale
-    out["post_quant_conv.bias"] = pb + shift * pw[:, :, 0, 0].sum(dim=1)
-    dtype = sd["quant_conv.weight"].dtype
-    return {k: (v.to(dtype) if k in _AFFINE_KEYS else v) for k, v in out.items()}
+    return _affine(sd, cfg, inverse=False)
 
 
 def unfold_latent_affine(sd: dict[str, torch.Tensor], cfg: AutoencoderConfig) -> dict[str, torch.Tensor]:
     """The inverse of ``fold_latent_affine``: weights whose latent is the diffusion latent -> weights of
     the posterior ``z`` that this model's ``scale_factor``/``shift_factor`` map to that latent. Exact for
     any configured scale and shift (up to float rounding): the composed model computes the same latent."""
+    return _affine(sd, cfg, inverse=True)
+
+
+def _affine(sd: dict[str, torch.Tensor], cfg: AutoencoderConfig, *, inverse: bool) -> dict[str, torch.Tensor]:
     scale, shift, e = float(cfg.scale_factor), float(cfg.shift_factor), cfg.embed_dim
     out = dict(sd)
-    qw, qb = sd["quant_conv.weight"].double().clone(), sd["quant_conv.bias"].double().clone()
-    qw[:e] /= scale
-    qb[:e] = qb[:e] / scale + shift
-    qb[e:] -= 2.0 * math.log(scale)
-    pw = sd["post_quant_conv.weight"].double() * scale
-    out["quant_conv.weight"], out["quant_conv.bias"] = qw, qb
-    out["post_quant_conv.weight"] = pw
-    out["post_quant_conv.bias"] = sd["post_quant_conv.bias"].double() - shift * pw[:, :, 0, 0].sum(dim=1)
-    dtype = sd["quant_conv.weight"].dtype
-    return {k: (v.to(dtype) if k in _AFFINE_KEYS else v) for k, v in out.items()}
-
-
-_AFFINE_KEYS = ("quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight", "post_quant_conv.bias")
+    new: dict[str, torch.Tensor] = {}
+    qw, qb = sd["quant_conv.weight"].double().clone(), sd["quant_conv.bias"].double().clone()  # (E or 2E, C, 1, 1)
+    if inverse:  # latent = (z - shift) * scale  ->  z = latent / scale + shift
+        qw[:e] /= scale
+        qb[:e] = qb[:e] / scale + shift
+        qb[e:] -= 2.0 * math.log(scale)  # kl's log-variance rows; none for vq
+    else:
+        qw[:e] *= scale
+        qb[:e] = (qb[:e] - shift) * scale
+        qb[e:] += 2.0 * math.log(scale)
+    new["quant_conv.weight"], new["quant_conv.bias"] = qw, qb
+    if "quantize.embedding.weight" in sd:  # (K, E): the codes move with the latent
+        codes = sd["quantize.embedding.weight"].double()
+        new["quantize.embedding.weight"] = codes / scale + shift if inverse else (codes - shift) * scale
+    # The folded post_quant_conv on a latent equals ours on latent / scale + shift:
+    # W' = W / scale, b' = b + shift * sum_in(W).
+    pw, pb = sd["post_quant_conv.weight"].double(), sd["post_quant_conv.bias"].double()  # (Z, E, 1, 1), (Z,)
+    ours_w = pw * scale if inverse else pw  # W
+    new["post_quant_conv.weight"] = ours_w if inverse else ours_w / scale
+    shift_term = shift * ours_w[:, :, 0, 0].sum(dim=1)
+    new["post_quant_conv.bias"] = pb - shift_term if inverse else pb + shift_term
+    out.update({k: v.to(sd[k].dtype) for k, v in new.items()})
+    return out

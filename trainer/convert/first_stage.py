@@ -31,9 +31,9 @@ LOSS_PREFIX = "loss."
 
 
 def load_first_stage(cfg: AutoencoderConfig) -> nn.Module:
-    """The first stage of ``cfg`` with ``cfg.checkpoint_path`` loaded when set (kind ``kl``)."""
+    """The first stage of ``cfg`` with ``cfg.checkpoint_path`` loaded when set (kinds ``kl`` and ``vq``)."""
     model = build_first_stage(cfg)
-    if cfg.kind == "kl" and cfg.checkpoint_path is not None:
+    if cfg.kind in ("kl", "vq") and cfg.checkpoint_path is not None:
         load_first_stage_weights(model, cfg.checkpoint_path, cfg)
     return model
 

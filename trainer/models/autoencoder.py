@@ -1,8 +1,10 @@
 """The first stage of latent diffusion: the KL-regularised autoencoder (Rombach et al., CVPR 2022,
-Sec. 3.1 and Appendix G) and the identity first stage of the pixel-space baseline LDM-1.
+Sec. 3.1 and Appendix G), the VQ-regularised one (frozen: for the paper's VQ-f4 checkpoints, which its
+class-conditional, LSUN and super-resolution models were trained on) and the identity first stage of
+the pixel-space baseline LDM-1.
 
 The network follows CompVis ``ldm/modules/diffusionmodules/model.py`` (Encoder, Decoder) and
-``ldm/models/autoencoder.py`` (AutoencoderKL) module for module, with the same parameter names, so a
+``ldm/models/autoencoder.py`` (AutoencoderKL, VQModelInterface) module for module, with the same parameter names, so a
 CompVis or Stable Diffusion VAE state dict loads unchanged. The training losses (LPIPS and the patch
 discriminator) are not part of this module.
 """
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KINDS = ("kl", "identity")
+KINDS = ("kl", "vq", "identity")
 NUM_GROUPS = 32  # CompVis Normalize(): GroupNorm(32, C, eps=1e-6)
 GROUP_NORM_EPS = 1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # CompVis DiagonalGaussianDistribution clamp
@@ -45,6 +47,7 @@ class AutoencoderConfig:
     attn_resolutions: List[int] = field(default_factory=list)
     dropout: float = 0.0
     double_z: bool = True
+    n_embed: int = 8192  # kind 'vq': codebook size (CompVis VQModel n_embed; its vectors have embed_dim)
     scale_factor: float = 0.18215  # SD KL-f8 (CompVis v1-inference.yaml)
     shift_factor: float = 0.0
     checkpoint_path: Optional[str] = None
@@ -80,10 +83,15 @@ class AutoencoderConfig:
                              f"positive channel multipliers")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.autoencoder.dropout={self.dropout}; allowed: 0 <= dropout < 1")
-        if not self.double_z:
+        if self.kind == "kl" and not self.double_z:
             # CompVis AutoencoderKL asserts ddconfig["double_z"]: the encoder emits mean and log-variance.
             raise ValueError("model.autoencoder.double_z=False; kind 'kl' needs double_z=True (the "
                              "encoder outputs the posterior mean and log-variance)")
+        if self.kind == "vq" and self.double_z:
+            raise ValueError("model.autoencoder.double_z=True; kind 'vq' needs double_z=false (CompVis VQModel: "
+                             "the encoder outputs z_channels, quantized after quant_conv)")
+        if self.kind == "vq" and self.n_embed < 1:
+            raise ValueError(f"model.autoencoder.n_embed={self.n_embed} must be >= 1 (the codebook size)")
         bad_widths = [self.ch * m for m in self.ch_mult if (self.ch * m) % NUM_GROUPS]
         if bad_widths:
             raise ValueError(
@@ -432,6 +440,65 @@ class AutoencoderKL(_FirstStage):
         return self.decoder(self.post_quant_conv(z))  # (B, out_ch, h*f, w*f)
 
 
+class VectorQuantizer(nn.Module):
+    """CompVis ``VectorQuantizer2`` at inference: each latent vector -> its nearest codebook vector
+    (euclidean; ``torch.cdist`` as diffusers' ``VectorQuantizer``). No commitment loss or straight-through
+    gradient: this project keeps a VQ first stage frozen. Rows are matched in chunks, so a batch of
+    64x64 latents against 8192 codes never holds the full distance matrix."""
+
+    CHUNK = 4096  # latent vectors per distance matrix (4096 x n_embed floats)
+
+    def __init__(self, n_embed: int, embed_dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, d, height, width = h.shape
+        flat = h.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+        codes = self.embedding.weight.to(flat.dtype)  # (K, D)
+        index = torch.cat([torch.cdist(chunk, codes).argmin(dim=1) for chunk in flat.split(self.CHUNK)])
+        return codes[index].view(b, height, width, d).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+
+
+class VQModel(_FirstStage):
+    """CompVis ``VQModelInterface`` as latent diffusion uses it (``ldm/models/autoencoder.py``): encode ->
+    ``quant_conv(encoder(x))``, the unquantized latent the diffusion model is trained on (a point mass: no
+    posterior noise); decode -> quantize to the codebook, ``post_quant_conv``, decoder. Parameter names
+    are CompVis', so ``first_stage_model.*`` of the paper's VQ-f4 checkpoints loads unchanged."""
+
+    def __init__(self, cfg: AutoencoderConfig) -> None:
+        super().__init__()
+        if cfg.kind != "vq":
+            raise ValueError(f"model.autoencoder.kind={cfg.kind!r}: VQModel needs kind 'vq'")
+        arch = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
+                    attn_resolutions=cfg.attn_resolutions, dropout=cfg.dropout,
+                    resolution=cfg.resolution, z_channels=cfg.z_channels)
+        self.encoder = Encoder(in_channels=cfg.in_channels, double_z=False, **arch)
+        self.decoder = Decoder(out_ch=cfg.out_ch, **arch)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.in_channels = cfg.in_channels
+        self.embed_dim = cfg.embed_dim
+        self.latent_channels = cfg.latent_channels
+        self.downsample_factor = cfg.downsample_factor
+        self.scale_factor = float(cfg.scale_factor)
+        self.shift_factor = float(cfg.shift_factor)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        f = self.downsample_factor
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"VQModel.encode: input of shape {tuple(x.shape)}; expected "
+                             f"(B, {self.in_channels}, H, W) with H and W divisible by {f}")
+        return DiagonalGaussianDistribution.point_mass(self.quant_conv(self.encoder(x)))  # (B, embed_dim, H/f, W/f)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 4 or z.shape[1] != self.embed_dim:
+            raise ValueError(f"VQModel.decode: latent of shape {tuple(z.shape)}; expected "
+                             f"(B, {self.embed_dim}, h, w)")
+        return self.decoder(self.post_quant_conv(self.quantize(z)))  # (B, out_ch, h*f, w*f)
+
+
 class IdentityFirstStage(_FirstStage):
     """Pixel space (f = 1), the paper's LDM-1: the "posterior" is a point mass at the image, so
     ``encode(x).sample()`` and ``.mode()`` return ``x`` exactly, no noise is drawn, and its KL is 0.
@@ -479,4 +546,4 @@ def build_first_stage(cfg: AutoencoderConfig) -> nn.Module:
             warnings.warn(f"model.autoencoder.kind='identity' ignores {', '.join(ignored)} "
                           f"(pixel space uses scale 1.0, shift 0.0 and has no weights)")
         return IdentityFirstStage(cfg.in_channels)
-    return AutoencoderKL(cfg)
+    return VQModel(cfg) if cfg.kind == "vq" else AutoencoderKL(cfg)
