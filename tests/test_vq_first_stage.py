@@ -122,3 +122,22 @@ def test_vq_first_stage_flops_match_the_counter() -> None:
             ae.decode(latent)
     quantize = 2 * 8 * 8 * cfg.embed_dim * cfg.n_embed
     assert abs((decode.forward - quantize) / counter.get_total_flops() - 1) < 0.02
+
+
+def test_n_embed_keeps_the_fingerprint_of_runs_made_before_it(compose) -> None:
+    import json
+
+    from trainer.config import check_compatible, config_fingerprint
+
+    config = OmegaConf.to_container(compose("train", ["experiment=tiny", "model=tiny_kl"]), resolve=True)
+    before = json.loads(json.dumps(config))
+    del before["model"]["autoencoder"]["n_embed"]  # a run saved before the VQ first stage existed
+    assert config_fingerprint(config) == config_fingerprint(before)
+    assert "n_embed" in config["model"]["autoencoder"]  # the fingerprint leaves the config as it is
+    check_compatible({"config_fingerprint": config_fingerprint(before), "config": before}, config, allow_change=False)
+    other = OmegaConf.to_container(compose("train", ["experiment=tiny", "model=tiny_kl",
+                                                     "model.autoencoder.n_embed=16"]), resolve=True)
+    assert config_fingerprint(other) != config_fingerprint(config)
+    with pytest.raises(ValueError, match="model.autoencoder.n_embed: 8192 -> 16"):
+        check_compatible({"config_fingerprint": config_fingerprint(before), "config": before}, other,
+                         allow_change=False)

@@ -22,6 +22,7 @@ from trainer.autoencoder_loss import AutoencoderLossConfig
 from trainer.checks import invalid
 from trainer.diffusion.config import DiffusionConfig
 from trainer.loop import TrainLoopConfig
+from trainer.models.autoencoder import AutoencoderConfig
 from trainer.models.conditioning import ConditioningConfig
 from trainer.models.config import ModelConfig
 from trainer.runtime.checkpoint import CheckpointConfig
@@ -140,25 +141,46 @@ START_ONLY_KEYS = ("model.init_from", "model.init_from_ema")
 
 # Keys added to the identity groups after runs existed, with the value those runs had: left out of the
 # fingerprint while they hold it, so the checkpoints of those runs still resume (and keep their hash).
-ADDED_IDENTITY_DEFAULTS = {("model", "conditioning"): asdict(ConditioningConfig())}
+ADDED_IDENTITY_DEFAULTS = {("model", "conditioning"): asdict(ConditioningConfig()),
+                           ("model", "autoencoder", "n_embed"): AutoencoderConfig().n_embed}
+
+
+def _section(payload: dict, path: tuple[str, ...]) -> Any:
+    """The dict holding ``path[-1]`` in ``payload`` (None where the path is not there)."""
+    section: Any = payload
+    for name in path[:-1]:
+        section = section.get(name) if isinstance(section, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def _copy_path(payload: dict, path: tuple[str, ...]) -> dict:
+    """``payload`` with the dicts along ``path[:-1]`` copied, so editing that section leaves the config as it is."""
+    out = dict(payload)
+    node = out
+    for name in path[:-1]:
+        node[name] = dict(node[name])
+        node = node[name]
+    return out
 
 
 def _identity_payload(config: dict) -> dict:
     payload = {k: config.get(k) for k in IDENTITY_GROUPS}
-    for (group, key), default in ADDED_IDENTITY_DEFAULTS.items():
-        section = payload.get(group)
-        if isinstance(section, dict) and section.get(key) == default:
-            payload[group] = {k: v for k, v in section.items() if k != key}
+    for path, default in ADDED_IDENTITY_DEFAULTS.items():
+        section = _section(payload, path)
+        if section is not None and section.get(path[-1]) == default:
+            payload = _copy_path(payload, path)
+            del _section(payload, path)[path[-1]]
     return payload
 
 
 def _with_added_defaults(config: dict) -> dict:
     """The identity groups with the keys added since a run was saved filled in with the value it had."""
     payload = {k: config.get(k) for k in IDENTITY_GROUPS}
-    for (group, key), default in ADDED_IDENTITY_DEFAULTS.items():
-        section = payload.get(group)
-        if isinstance(section, dict) and key not in section:
-            payload[group] = {**section, key: default}
+    for path, default in ADDED_IDENTITY_DEFAULTS.items():
+        section = _section(payload, path)
+        if section is not None and path[-1] not in section:
+            payload = _copy_path(payload, path)
+            _section(payload, path)[path[-1]] = default
     return payload
 
 
