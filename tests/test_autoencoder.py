@@ -267,7 +267,7 @@ def test_scale_shift_round_trip():
 # ---- configuration ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, pattern", [
-    (dict(kind="vq"), r"kind='vq'.*kl, identity"),
+    (dict(kind="vqgan"), r"kind='vqgan'.*kl, vq, identity"),
     (dict(attn_resolutions=[48]), r"attn_resolutions=\[48\].*\[256, 128, 64, 32\]"),
     (dict(resolution=100), r"resolution=100.*downsample factor 8"),
     (dict(ch=48), r"ch=48.*GroupNorm\(32\)"),
