@@ -135,6 +135,12 @@ def caption_of(parts: dict[str, bytes], caption_key: str, metadata: dict[str, An
     return text
 
 
+# Skip reasons of a label the data lacks or the map cannot place: bad data, skipped and counted, but
+# when every sample fails so, data.label_key or data.label_map is wrong - the first such sample a reader
+# meets is logged as a warning naming the key, the sample, its shard and the value.
+LABEL_REASONS = frozenset({"missing_label", "bad_label"})
+
+
 @dataclass(frozen=True)
 class LabelSpec:
     """Where a sample's class label is and what it may be: ``key`` is a part extension (``cls``, its
@@ -144,6 +150,14 @@ class LabelSpec:
     key: str
     num_classes: int
     names: Optional[dict[str, int]] = None
+
+
+def label_hint(spec: Optional[LabelSpec]) -> str:
+    """The label settings to check, for the message of a source whose every sample was skipped."""
+    if spec is None:
+        return ""
+    return (f", data.label_key={spec.key!r}" + (", data.label_map" if spec.names is not None else "")
+            + f" (model.conditioning.num_classes={spec.num_classes})")
 
 
 def read_label_map(path: str, num_classes: int) -> dict[str, int]:
@@ -173,26 +187,28 @@ def label_of(parts: dict[str, bytes], spec: LabelSpec, metadata: dict[str, Any] 
     if spec.key.startswith("json:"):
         field_name = spec.key[5:]
         if metadata is None or field_name not in metadata:
-            raise BadSample("missing_label", f"no field {field_name!r} in .json")
+            raise BadSample("missing_label", f"no field {field_name!r} in .json (data.label_key={spec.key!r})")
         value: Any = metadata[field_name]
     else:
         raw = parts.get(spec.key)
         if raw is None:
-            raise BadSample("missing_label", f"no .{spec.key} part")
+            raise BadSample("missing_label", f"no .{spec.key} part (data.label_key={spec.key!r})")
         try:
             value = raw.decode("utf-8").strip()
         except UnicodeDecodeError as e:
             raise BadSample("bad_label", str(e)) from None
     if spec.names is not None:
         if str(value) not in spec.names:
-            raise BadSample("bad_label", f"label {value!r} is not in data.label_map")
+            raise BadSample("bad_label", f"label {value!r} (data.label_key={spec.key!r}) is not in data.label_map")
         label = spec.names[str(value)]
     elif isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
-        raise BadSample("bad_label", f"label {value!r} is not an integer (data.label_map maps names to classes)")
+        raise BadSample("bad_label", f"label {value!r} (data.label_key={spec.key!r}) is not an integer "
+                                     f"(data.label_map maps names to classes)")
     else:
         label = int(value)
     if not 0 <= label < spec.num_classes:
-        raise BadSample("bad_label", f"class {label} is outside [0, {spec.num_classes})")
+        raise BadSample("bad_label", f"class {label} (data.label_key={spec.key!r}) is outside [0, {spec.num_classes}) "
+                                     f"of model.conditioning.num_classes")
     return label
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_pipeline.decode import BadSample, LabelSpec, Transform, caption_of, decode_sample, label_of, metadata_of
+from data_pipeline.decode import (LABEL_REASONS, BadSample, LabelSpec, Transform, caption_of, decode_sample, label_hint,
+                                  label_of, metadata_of)
 from data_pipeline.latents import decode_concat_part, decode_sample_parts, decode_text_part
 from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import RetryPolicy, expand_urls
@@ -35,6 +36,14 @@ class Samples:
     text_contexts: torch.Tensor | None = None  # (N, L, D) a frozen text encoder's cached outputs
     concat_inputs: torch.Tensor | None = None  # (N, C_concat, h, w) a concat task's cached concat inputs
     labels: torch.Tensor | None = None  # (N,) int64 class labels (data.label_key), for class conditioning
+
+
+def _count_skip(skipped: Counter, bad: BadSample, key: str, url: str) -> None:
+    """Count a skipped sample; the first of each label reason is a warning naming the sample (see LABEL_REASONS)."""
+    if bad.reason in LABEL_REASONS and not skipped[bad.reason]:
+        log.warning("sample %s of %s skipped: %s (further ones are counted as data/skipped_%s)", key, url, bad,
+                    bad.reason)
+    skipped[bad.reason] += 1
 
 
 def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_options: dict | None = None,
@@ -55,7 +64,7 @@ def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_opti
             if labels is not None:
                 classes.append(label_of(item.parts, labels, meta))
         except BadSample as bad:
-            skipped[bad.reason] += 1
+            _count_skip(skipped, bad, item.key, task.url)
             continue
         if logvar is not None:
             raise ValueError(f"{task.url} stores posterior variances: an in-memory run trains on means only; "
@@ -66,11 +75,13 @@ def load_latent_cache(urls: list[str], *, caption_key: str = "txt", storage_opti
         captions.append(caption)
         keys.append(item.key)
     if not means:
-        raise ValueError(f"no usable samples in the latent cache {urls[:3]} (skipped: {dict(skipped)})")
+        raise ValueError(f"no usable samples in the latent cache {urls[:3]} (skipped: {dict(skipped)})"
+                         + (f"; check{label_hint(labels)[1:]}" if labels is not None else ""))
     text = torch.stack(contexts) if all(c is not None for c in contexts) else None
     concat_inputs = torch.stack(concats) if all(c is not None for c in concats) else None
     return Samples(images=None, captions=captions, keys=keys, skipped=skipped, latents=torch.stack(means),
-                   text_contexts=text, concat_inputs=concat_inputs, labels=torch.tensor(classes, dtype=torch.int64) if labels is not None else None)
+                   text_contexts=text, concat_inputs=concat_inputs,
+                   labels=torch.tensor(classes, dtype=torch.int64) if labels is not None else None)
 
 
 def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str], caption_key: str,
@@ -84,14 +95,14 @@ def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str]
     transform = Transform(crop="center")
     rng = np.random.default_rng(0)  # unused by center crops without flips
     tasks = [ShardTask(shard, url) for shard, url in enumerate(expand_urls(urls, storage_options=storage_options))]
-    for _, item in read_samples(tasks, storage_options or {}, RetryPolicy(max_retries=2), skipped):
+    for task, item in read_samples(tasks, storage_options or {}, RetryPolicy(max_retries=2), skipped):
         try:
             out = decode_sample(item.parts, image_keys=image_keys, caption_key=caption_key,
                                 image_size=image_size, transform=transform, rng=rng,
                                 caption_required=caption_required)
             label = label_of(item.parts, labels, metadata_of(item.parts)) if labels is not None else None
         except BadSample as bad:
-            skipped[bad.reason] += 1
+            _count_skip(skipped, bad, item.key, task.url)
             continue
         if label is not None:
             classes.append(label)
@@ -99,7 +110,8 @@ def load_shards(urls: list[str] | str, *, image_size: int, image_keys: list[str]
         captions.append(out.caption)
         keys.append(item.key)
     if not images:
-        raise ValueError(f"no usable samples in {urls!r} (skipped: {dict(skipped)})")
+        raise ValueError(f"no usable samples in {urls!r} (skipped: {dict(skipped)})"
+                         + (f"; check{label_hint(labels)[1:]}" if labels is not None else ""))
     if skipped:
         log.warning("skipped samples: %s", dict(skipped))
     return Samples(images=torch.stack(images), captions=captions, keys=keys, skipped=skipped,

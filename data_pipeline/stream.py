@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from data_pipeline.decode import (BadSample, Filters, LabelSpec, Transform, aspect_buckets, caption_of, decode_sample,
-                                  label_of, metadata_of)
+                                  LABEL_REASONS, label_hint, label_of, metadata_of)
 from data_pipeline.latents import cache_shard_urls, decode_concat_part, decode_sample_parts, decode_text_part
 from data_pipeline.position import (SKIP_REASONS, SOURCE_BLOCK, STREAMS_PER_READER, Position, SourceInfo,
                                     StreamCursor, SubCursor, default_streams, layouts_for, window_for, source_choices, stream_shards, window_order)
@@ -229,6 +229,7 @@ class _Stream:
                      for i in range(len(spec.sources))]
         self.draws = cursor.draws
         self.good = [0] * len(spec.sources)
+        self.warned: set[str] = set()  # LABEL_REASONS already logged as a warning
         self._choices: tuple[int, np.ndarray] = (-1, np.zeros(0))
         self.pending: dict[tuple[int, ...], list[dict[str, Any]]] = defaultdict(list)
         for bucket, ids in cursor.pending.items():
@@ -302,7 +303,12 @@ class _Stream:
             example = self._cached_example(ref) if spec.latents else self._image_example(ref)
         except BadSample as bad:
             if not quiet:
-                log.debug("sample %s of %s skipped: %s", ref.key, ref.url, bad)
+                if bad.reason in LABEL_REASONS and bad.reason not in self.warned:
+                    self.warned.add(bad.reason)
+                    log.warning("sample %s of %s skipped: %s (further ones are counted as data/skipped_%s)",
+                                ref.key, ref.url, bad, bad.reason)
+                else:
+                    log.debug("sample %s of %s skipped: %s", ref.key, ref.url, bad)
                 self.events.append(("skip", bad.reason))
                 if self.good[ref.source] == 0 and sub.passes >= EMPTY_PASSES_BEFORE_ERROR:
                     self._fail(ref.source)
@@ -317,8 +323,8 @@ class _Stream:
         raise EmptySourceError(
             f"data source {info.name!r} ({info.num_shards} shards, e.g. {info.urls[0]}) gave no usable sample in "
             f"{self.subs[source].passes} passes over the shards of canonical stream {self.stream}; check the URLs, "
-            f"credentials, data.image_keys={list(self.spec.image_keys)}, data.caption_key={self.spec.caption_key!r} "
-            f"and the filters")
+            f"credentials, data.image_keys={list(self.spec.image_keys)}, data.caption_key={self.spec.caption_key!r}"
+            f"{label_hint(self.spec.labels)} and the filters")
 
     def _image_example(self, ref: _Ref) -> dict[str, Any]:
         return image_example(self.spec, ref)
@@ -395,13 +401,17 @@ class _WholeSource:
                 _example(spec, self.ref(0, shard, raw))
                 self.bad.append("")
             except BadSample as bad:
+                if bad.reason in LABEL_REASONS and bad.reason not in self.bad:
+                    log.warning("sample %s of %s skipped: %s (further ones are counted as data/skipped_%s)",
+                                raw.key, info.urls[shard], bad, bad.reason)
                 self.bad.append(bad.reason)
         self.usable = np.asarray([i for i, reason in enumerate(self.bad) if not reason], dtype=np.int64)
         if not len(self.usable):
             raise EmptySourceError(
                 f"data source {info.name!r} ({info.num_shards} shards, e.g. {info.urls[0]}) has no usable sample "
                 f"among its {len(self.raw)} (skipped: {dict(Counter(self.bad))}); check data.image_keys="
-                f"{list(spec.image_keys)}, data.caption_key={spec.caption_key!r} and the filters")
+                f"{list(spec.image_keys)}, data.caption_key={spec.caption_key!r}{label_hint(spec.labels)} and the "
+                f"filters")
         self._orders: dict[int, np.ndarray] = {}
 
     def ref(self, epoch: int, shard: int, raw: RawSample) -> _Ref:

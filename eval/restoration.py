@@ -15,6 +15,7 @@ features of ``eval.features`` and goes through ``eval.metrics``.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from typing import Any, Callable, Optional
 
@@ -26,7 +27,10 @@ from data_pipeline.shards import ShardTask, read_samples
 from data_pipeline.sources import RetryPolicy, expand_urls, storage_options_for
 from eval.image_metrics import psnr, ssim
 from eval.metrics import Features, feature_stats, frechet_distance
+from eval.protocol import EvalFailed, GatherFn, batch_plan
 from eval.reference import SHARD_IMAGE_KEYS, square_rgb
+
+log = logging.getLogger(__name__)
 
 SIGNED_RANGE = 2.0  # data_range of images in [-1, 1]
 
@@ -145,11 +149,35 @@ def held_out_captions(url: str, count: int, storage_options: Optional[dict[str, 
 RestoreFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 
 
+def restore_all(restore: RestoreFn, images: torch.Tensor, drawn: torch.Tensor, *, batch_size: int, seed: int,
+                rank: int = 0, world_size: int = 1, gather: GatherFn = lambda x: [x]) -> torch.Tensor:
+    """Every image restored, (N, 3, H, W) float on CPU in [-1, 1], on every rank. As the text protocol
+    shares its samples (``eval.protocol.batch_plan``), global batch ``j`` of ``batch_size`` images (seeds
+    ``seed + i``) is restored by rank ``j % world_size`` and the shares are gathered, so the outputs are
+    one rank's whatever the world size; a failure on any rank raises ``EvalFailed`` on every rank."""
+    share: dict[str, Any] = {"batches": [], "error": None}
+    try:
+        for start, end in batch_plan(len(images), batch_size, rank, world_size):
+            out = restore(images[start:end], drawn[start:end], list(range(seed + start, seed + end)))
+            share["batches"].append((start, out.float().cpu()))
+    except Exception as e:  # noqa: BLE001 - reported on every rank below, never a hang in the gather
+        log.exception("restoration failed on rank %d", rank)
+        share = {"batches": [], "error": f"rank {rank}: {type(e).__name__}: {e}"}
+    shares = gather(share)
+    errors = [s["error"] for s in shares if s["error"]]
+    if errors:
+        raise EvalFailed("; ".join(errors))
+    batches = sorted((b for s in shares for b in s["batches"]), key=lambda b: b[0])
+    return torch.cat([out for _, out in batches]).clamp(-1, 1)
+
+
 def restoration_protocol(kind: str, restore: RestoreFn, images: torch.Tensor, drawn: torch.Tensor, *,
                          labels: Optional[np.ndarray] = None, classifier: Any = None, extractor: Any = None,
                          lpips: Optional[torch.nn.Module] = None, baseline: Optional[torch.Tensor] = None,
-                         batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
-    """Restore every held-out image and score it.
+                         batch_size: int = 64, seed: int = 0, rank: int = 0, world_size: int = 1,
+                         gather: GatherFn = lambda x: [x]) -> dict[str, Any]:
+    """Restore every held-out image (this rank its share, ``restore_all``) and score it (on every rank:
+    the gathered outputs are the same everywhere).
 
     ``restore(images, drawn, seeds)`` returns the outputs (B, 3, H, W) in [-1, 1] for a batch: ``drawn``
     is the low-resolution image (``lowres``) or the mask (``masked_image``). Super-resolution gives the
@@ -157,9 +185,8 @@ def restoration_protocol(kind: str, restore: RestoreFn, images: torch.Tensor, dr
     (with ``lpips``), masked PSNR and, with ``classifier`` and ``labels``, the fraction of completions
     recognised as the original's label. FID (with ``extractor``) is against the held-out images.
     """
-    outputs = torch.cat([restore(images[s:s + batch_size], drawn[s:s + batch_size],
-                                 list(range(seed + s, seed + min(s + batch_size, len(images)))))
-                         for s in range(0, len(images), batch_size)]).float().clamp(-1, 1)
+    outputs = restore_all(restore, images, drawn, batch_size=batch_size, seed=seed, rank=rank,
+                          world_size=world_size, gather=gather)
     features = None
     if extractor is not None:
         features = {"high": extractor(to_uint8(images)), "model": extractor(to_uint8(outputs))}

@@ -218,11 +218,13 @@ def _put_bytes_atomic(url: str, data: bytes, storage_options: dict | None) -> No
 
 def build_clean_corpus(out_dir: str | os.PathLike, *, n_shards: int = 4, per_shard: int = 8,
                        sizes: tuple[tuple[int, int], ...] = ((64, 48), (40, 64), (96, 96)), seed: int = 0,
-                       storage_options: dict | None = None) -> list[str]:
+                       labels: tuple[str, ...] = (), storage_options: dict | None = None) -> list[str]:
     """Write ``n_shards`` shards ``out_dir/{i:05d}.tar`` of ``per_shard`` good samples; return their URLs.
 
     Sample ``n`` (counted over the whole corpus) has key ``sample_key(shard, index)``, a JPEG of
-    ``sizes[n % len(sizes)]`` (width, height) at quality 90, caption ``"a photo number {n}"``.
+    ``sizes[n % len(sizes)]`` (width, height) at quality 90, caption ``"a photo number {n}"``; with
+    ``labels``, its ``.json`` also has ``"label": labels[n % len(labels)]`` (a class name, for
+    ``data.label_key=json:label`` with a ``data.label_map``).
     """
     if not 1 <= n_shards <= 99999 or not 1 <= per_shard <= 9999:
         raise ValueError(f"n_shards={n_shards} must be in [1, 99999] and per_shard={per_shard} in "
@@ -237,7 +239,11 @@ def build_clean_corpus(out_dir: str | os.PathLike, *, n_shards: int = 4, per_sha
                 n = shard * per_shard + index
                 key = sample_key(shard, index)
                 rng = np.random.default_rng([seed, 0, shard, index])
-                writer.write(key, _good_parts(key, f"a photo number {n}", rng, tuple(sizes[n % len(sizes)])))
+                parts = _good_parts(key, f"a photo number {n}", rng, tuple(sizes[n % len(sizes)]))
+                if labels:
+                    meta = json.loads(parts["json"]) | {"label": labels[n % len(labels)]}
+                    parts["json"] = json.dumps(meta, sort_keys=True).encode()
+                writer.write(key, parts)
         urls.append(url)
     return urls
 

@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 import trainer.plan  # noqa: F401  (registers the plan schema)
+from corpus import build_clean_corpus, sample_key
 from data_pipeline.decode import BadSample, LabelSpec, label_of, read_label_map
 from data_pipeline.indexed import InMemoryBatches, load_shards
+from data_pipeline.position import SourceInfo
+from data_pipeline.stream import EmptySourceError, StreamingBatches, StreamSpec
 from trainer.config import TrainConfig, check_compatible, config_fingerprint
 from trainer.diffusion import SampleGenerators, drop_conditions, drop_labels
 from trainer.models.conditioning import ClassEmbedder, ConditioningConfig
 from trainer.models.config import ModelConfig, build_components
 from trainer.models.unet import UNetConfig, UNetModel
+from trainer.sample import SampleConfig, read_conditions
 
 TINY_UNET = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
                  num_heads=4, norm_num_groups=8, in_channels=3, out_channels=3)
@@ -109,6 +115,72 @@ def test_labels_from_a_json_field_a_member_or_a_map() -> None:
         with pytest.raises(BadSample) as e:
             label_of(parts, spec, meta)
         assert e.value.reason == reason
+
+
+def test_a_label_outside_the_map_is_skipped_and_counted_and_the_first_one_named(tmp_path: Path, caplog) -> None:
+    """A sample's label is data: one outside data.label_map (or >= num_classes without a map) is skipped and
+    counted, in memory and streamed alike, and the first one is a warning naming the key, the sample, its
+    shard and the value; when every label is outside (a wrong map or key: the user's mistake), the job
+    fails before training, naming data.label_key and data.label_map."""
+    urls = build_clean_corpus(tmp_path / "data", n_shards=2, per_shard=3, labels=("cat", "dog", "cow"))
+    names = {"cat": 0, "dog": 1}
+    cows = [sample_key(shard, 2) for shard in (0, 1)]  # samples 2 and 5 (label n % 3)
+    first = [f"sample {cows[shard]} of {urls[shard]} skipped: bad_label: label 'cow' (data.label_key='json:label') "
+             f"is not in data.label_map (further ones are counted as data/skipped_bad_label)" for shard in (0, 1)]
+    with caplog.at_level(logging.WARNING):
+        samples = load_shards(urls, image_size=8, image_keys=["jpg"], caption_key="txt",
+                              labels=LabelSpec("json:label", 2, names))
+    assert samples.labels.tolist() == [0, 1, 0, 1] and samples.skipped == {"bad_label": 2}
+    assert [r.getMessage() for r in caplog.records if "skipped:" in r.getMessage()] == first[:1]  # in shard order
+    caplog.clear()
+    spec = StreamSpec(sources=(SourceInfo("default", tuple(urls)),), weights=(1.0,), image_size=8, batch_size=4,
+                      shuffle_buffer=0, labels=LabelSpec("json:label", 2, names))
+    stream = StreamingBatches(spec, rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING):
+        batch = stream.next_batch()
+    assert sorted(batch["labels"].tolist()) == [0, 0, 1, 1]
+    (warned,) = [r.getMessage() for r in caplog.records if "skipped:" in r.getMessage()]
+    assert warned in first  # the stream's first shard is a seeded draw
+
+    with pytest.raises(ValueError, match=r"check data.label_key='json:label', data.label_map "
+                                         r"\(model.conditioning.num_classes=2\)"):
+        load_shards(urls, image_size=8, image_keys=["jpg"], caption_key="txt",
+                    labels=LabelSpec("json:label", 2, {"bird": 0}))
+    wrong = StreamSpec(sources=spec.sources, weights=(1.0,), image_size=8, batch_size=4, shuffle_buffer=0,
+                       labels=LabelSpec("json:label", 2, {"bird": 0}))
+    with pytest.raises(EmptySourceError, match=r"data.label_key='json:label', data.label_map "
+                                               r"\(model.conditioning.num_classes=2\)"):
+        StreamingBatches(wrong, rank=0, world_size=1).next_batch()
+    with pytest.raises(BadSample, match=r"class 12 \(data.label_key='cls'\) is outside \[0, 10\) of "
+                                        r"model.conditioning.num_classes"):
+        label_of({"cls": b"12"}, LabelSpec("cls", 10), None)
+
+
+def _run(cross_attn: str, num_classes: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(model=SimpleNamespace(conditioning=ConditioningConfig(
+        cross_attn=cross_attn, num_classes=num_classes, embed_dim=4 if num_classes else 0)))
+
+
+def test_sampling_asks_each_model_for_its_own_condition_before_weights_are_loaded() -> None:
+    """trainer.sample reads the run's config only (run_config), then refuses a condition the model was not
+    trained on, naming the key: classes= on a text or an unconditional model, a prompt on a class model."""
+    text, classes, none = _run("text"), _run("class", 10), _run("none")
+    with pytest.raises(ValueError, match=r"classes=\[3\]: checkpoint='ck' is not a class-conditional model "
+                                         r"\(model.conditioning.cross_attn='text'\); give prompt="):
+        read_conditions(SampleConfig(checkpoint="ck", classes=3), text)
+    with pytest.raises(ValueError, match=r"classes=\[3\]: .* an unconditional model takes no condition"):
+        read_conditions(SampleConfig(checkpoint="ck", classes=3), none)
+    with pytest.raises(ValueError, match=r"prompt=/prompts_file=: checkpoint='ck' is a class-conditional model "
+                                         r"\(model.conditioning.cross_attn='class', 10 classes\); give classes="):
+        read_conditions(SampleConfig(checkpoint="ck", prompt="a cat"), classes)
+    with pytest.raises(ValueError, match=r"classes=\[2, 10\] has \[10\], outside the model's classes 0..9"):
+        read_conditions(SampleConfig(checkpoint="ck", classes=[2, 10]), classes)
+    with pytest.raises(ValueError, match=r"classes=\.\.\. is missing"):
+        read_conditions(SampleConfig(checkpoint="ck"), classes)
+    with pytest.raises(ValueError, match="prompt=/prompts_file=: .* unconditional model"):
+        read_conditions(SampleConfig(checkpoint="ck", prompt="a cat"), none)
+    assert read_conditions(SampleConfig(checkpoint="ck", classes=[1, 5], n=2), classes) == ([1, 1, 5, 5], 10)
+    assert read_conditions(SampleConfig(checkpoint="ck", prompt="a cat", n=2), text) == (["a cat", "a cat"], "")
 
 
 def _shard(path: Path, labels: list[object]) -> None:

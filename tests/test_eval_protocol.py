@@ -34,12 +34,7 @@ METRIC_KEYS = ["fid", "digit_accuracy", *(f"digit_accuracy/{d}" for d in range(1
 
 def _eval_run(args: list[str], nproc: int = 1, timeout: float = 300, expect: int | None = 0
               ) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "eval.run", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(th.free_port()), "-m", "eval.run", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=th.train_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(th.python_command(["-m", "eval.run", *args], nproc), cwd=ROOT, env=th.train_env(), capture_output=True, text=True, timeout=timeout)
     if expect is not None and proc.returncode != expect:
         raise AssertionError(f"eval.run exited {proc.returncode}, expected {expect}:\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
@@ -206,11 +201,9 @@ def _run_worker(tmp_path: Path, checkpoint: Path, nproc: int) -> Path:
     out = tmp_path / f"ranks{nproc}"
     out.mkdir()
     args = [str(worker), str(checkpoint), str(out), str(DATA_ROOT), str(tmp_path / "reference_cache")]
-    if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                "--master_port", str(th.free_port()), *args]
     env = th.train_env() | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(th.python_command(args, nproc), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return out
 

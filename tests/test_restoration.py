@@ -227,3 +227,70 @@ def test_concat_sampling_repeats_the_condition_in_guidance_batches_and_ignores_b
     assert torch.allclose(wrapped(x, t, context), unet(torch.cat([x, torch.cat([concat, concat])], 1), t, context))
     with pytest.raises(ValueError, match="one of each per sample"):
         concat_to_image(unet, encode, IdentityFirstStage(), ["a"], [0, 1], concat[:2], **kwargs)
+
+
+# A rank of the sharding check: restoration_protocol with a restorer whose every output is a function of its
+# image and seed only (as a sampler's is), recording which seeds this rank restored.
+RESTORE_WORKER = r"""
+import json, sys
+import torch
+from data_pipeline.degrade import bicubic_downsample, bicubic_upsample
+from data_pipeline.masks import draw_masks
+from eval.restoration import restoration_protocol
+from trainer.runtime import distributed
+
+out = sys.argv[1]
+env = distributed.detect_env()
+distributed.init_process_group(env)
+images = torch.rand(11, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+seen = []
+
+def restore(x, drawn, seeds):
+    seen.extend(seeds)
+    noise = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return x + 0.2 * noise
+
+low = bicubic_downsample(images, 4)
+masks = draw_masks([torch.Generator().manual_seed(i) for i in range(11)], 16, 16, "half")
+records = {kind: restoration_protocol(kind, restore, images, drawn, baseline=bicubic_upsample(low, 4), batch_size=3,
+                                      seed=100, rank=env.rank, world_size=env.world_size,
+                                      gather=distributed.all_gather_object)
+           for kind, drawn in (("lowres", low), ("masked_image", masks))}
+torch.save({kind: r.pop("outputs") for kind, r in records.items()}, f"{out}/outputs{env.rank}.pt")
+with open(f"{out}/rank{env.rank}.json", "w") as f:
+    json.dump({"seen": seen, "records": records}, f)
+distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # three interpreters importing torch: ~45 s on a loaded 2-core machine
+def test_restoration_protocol_on_two_ranks_restores_half_each_and_scores_as_one(tmp_path):
+    """11 images in batches of 3: rank 0 restores global batches 0 and 2, rank 1 batches 1 and 3; both
+    gather every output in protocol order and score it, with the one-rank run's numbers and outputs."""
+    import json
+    import subprocess
+
+    import train_helpers as th
+
+    worker = tmp_path / "restore_worker.py"
+    worker.write_text(RESTORE_WORKER)
+    got = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ranks{nproc}"
+        out.mkdir()
+        proc = subprocess.run(th.python_command([str(worker), str(out)], nproc), cwd=th.ROOT,
+                              env=th.train_env() | {"PYTHONPATH": str(th.ROOT)}, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        got[nproc] = [(json.loads((out / f"rank{r}.json").read_text()),
+                       torch.load(out / f"outputs{r}.pt", weights_only=True)) for r in range(nproc)]
+    (single, single_outputs), = got[1]
+    batches = [list(range(100 + s, min(100 + s + 3, 111))) for s in range(0, 11, 3)]
+    assert single["seen"] == [s for _ in range(2) for b in batches for s in b]  # lowres, then masked_image
+    for rank, (record, outputs) in enumerate(got[2]):
+        assert record["seen"] == [s for _ in range(2) for b in batches[rank::2] for s in b]
+        assert record["records"] == single["records"]  # bitwise: the same floats
+        assert all(outputs[k].equal(single_outputs[k]) for k in single_outputs)
+    assert single["records"]["lowres"]["num_images"] == 11
+    assert single["records"]["lowres"]["rows"]["model"]["psnr"] != single["records"]["lowres"]["rows"]["bicubic"]["psnr"]
+    assert single["records"]["masked_image"]["masked_psnr"] > 0

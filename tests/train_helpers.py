@@ -31,13 +31,19 @@ def train_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def python_command(target: list[str], nproc: int = 1) -> list[str]:
+    """``python <target>`` (a script or ``-m <module>``, and its arguments); under the real torchrun with
+    ``nproc`` ranks when ``nproc`` > 1."""
+    if nproc == 1:
+        return [sys.executable, *target]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
+
+
 def train_command(run_dir: Path, overrides: list[str], nproc: int = 1, experiment: str = "tiny") -> list[str]:
     args = [f"experiment={experiment}", f"run_dir={run_dir}", f"data.root={ROOT / '.cache' / 'data' / 'digits16'}",
             *overrides]
-    if nproc == 1:
-        return [sys.executable, "-m", "trainer.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "trainer.train", *args]
+    return python_command(["-m", "trainer.train", *args], nproc)
 
 
 def start(run_dir: Path, overrides: list[str], nproc: int = 1) -> subprocess.Popen:

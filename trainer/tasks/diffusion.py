@@ -268,11 +268,15 @@ class DiffusionTask(Task):
         weights = "ema" if (ema is not None and cfg.use_ema) else "live"
         head: dict[str, Any] = {"eval/step": step, "eval/sampler": cfg.sampler, "eval/num_steps": cfg.num_steps,
                                 "eval/weights": weights}
-        try:  # every rank scores the whole set on its own (no collective inside): a failure is every rank's
+        # Each rank restores its share and every rank scores the gathered outputs: a failure while restoring
+        # is every rank's (EvalFailed), one while scoring (no collective after the gather) is caught per rank.
+        try:
             record = evaluate_restoration(self.concat, self.held_out, unet=unet, encode=encode, uncond=negative,
                                           first_stage=self.first_stage, schedule=self.diffusion.schedule,
                                           latent_channels=self.model_cfg.autoencoder.latent_channels, cfg=cfg,
-                                          scorers=self.scorers, lpips=None, device=self.ctx.device)
+                                          scorers=self.scorers, lpips=None, device=self.ctx.device,
+                                          rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                          gather=distributed.all_gather_object)
         except Exception as e:  # noqa: BLE001 - as for the text protocol: logged, recorded, training goes on
             log.error("evaluation at step %d failed; training continues: %s: %s", step, type(e).__name__, e)
             tracker.log_scalars(step, {"eval/failed": 1})

@@ -3,8 +3,10 @@ held-out images and score them with ``eval.restoration``.
 
 The held-out inputs are drawn as in training (the degradation, or the mask of ``model.conditioning.mask``)
 from generators keyed by the held-out image's index and ``eval.seed``, and each image is sampled from
-seed ``eval.seed + index``, so the numbers repeat across runs and world sizes. Every rank computes the
-whole protocol (it is small: the held-out set, capped at ``MAX_IMAGES``); rank 0 reports.
+seed ``eval.seed + index``, so the numbers repeat across runs and world sizes. Each rank restores its
+share of the held-out set (``eval.restoration.restore_all``: global batch ``j`` on rank ``j % world_size``,
+as the text protocol shares its samples), the outputs are gathered and every rank scores them (the set is
+small: capped at ``MAX_IMAGES``); rank 0 reports.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from data_pipeline.concat import ConcatSettings, condition_from, draw_inputs
 from data_pipeline.degrade import bicubic_upsample
 from eval.config import EvalConfig
+from eval.protocol import GatherFn
 from eval.restoration import held_out_captions, held_out_images, restoration_protocol
 from trainer.diffusion import SampleGenerators
 from trainer.diffusion.schedule import NoiseSchedule
@@ -45,9 +48,11 @@ def held_out_set(source: str, *, resolution: int, with_captions: bool,
 def evaluate_restoration(settings: ConcatSettings, held_out: dict[str, Any], *, unet: nn.Module,
                          encode: Callable[[list[Any]], Optional[torch.Tensor]], uncond: Any, first_stage: nn.Module,
                          schedule: NoiseSchedule, latent_channels: int, cfg: EvalConfig, scorers: Any,
-                         lpips: Optional[nn.Module], device: torch.device) -> dict[str, Any]:
+                         lpips: Optional[nn.Module], device: torch.device, rank: int = 0, world_size: int = 1,
+                         gather: GatherFn = lambda x: [x]) -> dict[str, Any]:
     """The protocol record (``eval.restoration.restoration_protocol``) at the first guidance scale of
-    ``eval.guidance_scales`` (guidance applies to text only; concat inputs are never dropped)."""
+    ``eval.guidance_scales`` (guidance applies to text only; concat inputs are never dropped), the same
+    on every rank; ``gather`` is ``trainer.runtime.distributed.all_gather_object`` (or the identity)."""
     images = held_out["images"]
     count = images.shape[0]
     gens = SampleGenerators(cfg.seed, list(range(count)))
@@ -69,7 +74,8 @@ def evaluate_restoration(settings: ConcatSettings, held_out: dict[str, Any], *, 
     baseline = bicubic_upsample(drawn, settings.sr_factor) if settings.kind == "lowres" else None
     record = restoration_protocol(settings.kind, restore, images, drawn, labels=held_out["labels"],
                                   classifier=scorers.classifier, extractor=scorers.extractor, lpips=lpips,
-                                  baseline=baseline, batch_size=cfg.batch_size, seed=cfg.seed)
+                                  baseline=baseline, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
+                                  world_size=world_size, gather=gather)
     record["guidance_scale"] = guidance
     record["inputs"] = baseline if baseline is not None else images * (1.0 - drawn)
     record["originals"] = images
