@@ -58,7 +58,8 @@ def _to01(images: torch.Tensor):
 
 
 # The same on a tiny VQ first stage (CompVis LDM-SR's kind): the scale and shift fold into the codebook too.
-SUPERRES_VQ = [*SUPERRES, "model.autoencoder.kind=vq", "model.autoencoder.double_z=false", "model.autoencoder.n_embed=64"]
+SUPERRES_VQ = [*SUPERRES, "model.autoencoder.kind=vq", "model.autoencoder.double_z=false",
+               "model.autoencoder.n_embed=64"]
 
 
 @pytest.mark.parametrize("overrides, first_stage", [(SUPERRES, "AutoencoderKL"), (SUPERRES_VQ, "VQModel")])
@@ -106,8 +107,8 @@ def test_inpainting_exports_a_stable_diffusion_inpaint_pipeline_that_samples_lik
     ours = concat_to_image(model.unet, model.encode_fn(), model.first_stage, [PROMPT], [4], concat,
                            schedule=model.schedule, latent_channels=4, num_steps=3, guidance_scale=guidance)
     # The masked image's latent as ours (diffusers would draw a posterior sample; we take the mode).
-    theirs = pipe([PROMPT], image=image, mask_image=mask, masked_image_latents=concat[:, 1:], height=size, width=size,
-                  strength=1.0, num_inference_steps=3, guidance_scale=guidance, eta=0.0,
+    theirs = pipe([PROMPT], image=(image + 1) / 2, mask_image=mask, masked_image_latents=concat[:, 1:], height=size,
+                  width=size, strength=1.0, num_inference_steps=3, guidance_scale=guidance, eta=0.0,
                   generator=torch.Generator().manual_seed(4), output_type="np").images
     assert float(abs(_to01(ours) - theirs).max()) < 1e-4
     back = build_components(model.cfg.model)
@@ -152,6 +153,7 @@ def test_what_diffusers_has_no_pipeline_for_is_refused_naming_the_key(compose, t
                                            "model.conditioning.concat_channels=5", "eval.guidance_scales=[1.0]"]),
                          tmp_path / "b")
     with pytest.raises(ValueError, match="concat='lowres' with cross_attn 'text'"):
-        export_diffusers(_loaded(compose, ["model=tiny_kl", "model.unet.in_channels=7", "model.conditioning.concat=lowres",
+        export_diffusers(_loaded(compose, ["model=tiny_kl", "model.unet.in_channels=7",
+                                           "model.conditioning.concat=lowres",
                                            "model.conditioning.concat_channels=3"]), tmp_path / "c")
     assert not any(tmp_path.iterdir())  # nothing half-written

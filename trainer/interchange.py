@@ -363,8 +363,8 @@ def ldm_pipeline(cfg: ModelConfig) -> bool:
 
 
 def _write_first_stage(model, folder: Path, *, fold_latent: bool = False) -> None:
-    """The first stage as a diffusers ``AutoencoderKL`` (or ``VQModel``) in ``folder`` (weights and config). ``fold_latent``:
-    its own latent is our diffusion latent (``fold_latent_affine``; config scaling_factor 1, no shift),
+    """The first stage as a diffusers ``AutoencoderKL`` (or ``VQModel``) in ``folder`` (weights and config).
+    ``fold_latent``: its own latent is our diffusion latent (``fold_latent_affine``; config scaling_factor 1, no shift),
     for a pipeline that decodes latents as they are."""
     cfg = model.cfg.model.autoencoder
     ours = model.first_stage.state_dict()
