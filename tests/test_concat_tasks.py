@@ -181,13 +181,8 @@ def _cached_run(cache: Path, kind: str, *extra: str) -> list[str]:
 def test_training_from_cached_concat_inputs_resumes_bitwise(concat_caches, tmp_path, kind):
     """A concat run from its cache (no first-stage encode, no degradation or mask drawn) stopped at step 3
     and resumed gives the uninterrupted run's losses bitwise."""
-    cache = concat_caches[kind]
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    proc = th.run(reference, _cached_run(cache, kind, "train.max_steps=6"))
+    want, got, proc = th.straight_and_resumed(tmp_path, _cached_run(concat_caches[kind], kind))
     assert f"training from the cached concat inputs ({kind})" in proc.stderr
-    th.run(resumed, _cached_run(cache, kind, "train.max_steps=3"))
-    th.run(resumed, _cached_run(cache, kind, "train.max_steps=6"))
-    want, got = th.losses(reference), th.losses(resumed)
     assert sorted(got) == list(range(1, 7))
     for step in range(4, 7):
         assert got[step] == want[step], (step, got[step], want[step])
@@ -278,12 +273,7 @@ def test_concat_task_resumes_bitwise(tmp_path, kind):
     """Masks and degradations are drawn from each sample's generator: a run stopped at step 3 and resumed
     gives the uninterrupted run's losses bitwise (text-guided inpainting, SR from the light BSR degradation)."""
     common = [*CONCAT_TINY[kind], "eval.prompts=[]", "checkpoint.interval_steps=100"]
-    reference = tmp_path / "reference"
-    th.run(reference, [*common, "train.max_steps=6"])
-    resumed = tmp_path / "resumed"
-    th.run(resumed, [*common, "train.max_steps=3"])
-    th.run(resumed, [*common, "train.max_steps=6"])
-    want, got = th.losses(reference), th.losses(resumed)
+    want, got, _ = th.straight_and_resumed(tmp_path, common)
     assert sorted(got) == list(range(1, 7))
     for step in range(4, 7):
         assert got[step] == want[step], (step, got[step], want[step])

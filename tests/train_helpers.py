@@ -77,6 +77,17 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def straight_and_resumed(tmp_path: Path, overrides: list[str], *, stop: int = 3, steps: int = 6
+                         ) -> tuple[dict[int, float], dict[int, float], subprocess.CompletedProcess]:
+    """Losses of ``steps`` steps straight and of a run stopped after ``stop`` and resumed to ``steps``
+    (run dirs ``reference`` and ``resumed`` under ``tmp_path``), and the straight run's process."""
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    proc = run(reference, [*overrides, f"train.max_steps={steps}"])
+    run(resumed, [*overrides, f"train.max_steps={stop}"])
+    run(resumed, [*overrides, f"train.max_steps={steps}"])
+    return losses(reference), losses(resumed), proc
+
+
 def latest(run_dir: Path) -> str | None:
     pointer = run_dir / "checkpoints" / "latest"
     return pointer.read_text().strip() if pointer.exists() else None

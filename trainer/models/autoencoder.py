@@ -403,21 +403,20 @@ class _FirstStage(nn.Module):
         return self.decode(self.from_latent(latent))
 
 
-class AutoencoderKL(_FirstStage):
-    """CompVis AutoencoderKL (networks only): encoder -> quant_conv -> posterior; z -> post_quant_conv
-    -> decoder."""
+class _ConvAutoencoder(_FirstStage):
+    """What CompVis' AutoencoderKL and VQModel share: the encoder (emitting ``encoder_channels``), the
+    decoder and ``post_quant_conv``, built in CompVis' order (encoder, decoder, then the subclass's
+    ``quant_conv``, then ``post_quant_conv``: the same seed gives the same weights), and the shape checks."""
 
-    def __init__(self, cfg: AutoencoderConfig) -> None:
+    def __init__(self, cfg: AutoencoderConfig, kind: str, *, double_z: bool) -> None:
         super().__init__()
-        if cfg.kind != "kl":
-            raise ValueError(f"model.autoencoder.kind={cfg.kind!r}: AutoencoderKL needs kind 'kl'")
+        if cfg.kind != kind:
+            raise ValueError(f"model.autoencoder.kind={cfg.kind!r}: {type(self).__name__} needs kind {kind!r}")
         arch = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
                     attn_resolutions=cfg.attn_resolutions, dropout=cfg.dropout,
                     resolution=cfg.resolution, z_channels=cfg.z_channels)
-        self.encoder = Encoder(in_channels=cfg.in_channels, double_z=cfg.double_z, **arch)
+        self.encoder = Encoder(in_channels=cfg.in_channels, double_z=double_z, **arch)
         self.decoder = Decoder(out_ch=cfg.out_ch, **arch)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.in_channels = cfg.in_channels
         self.embed_dim = cfg.embed_dim
         self.latent_channels = cfg.latent_channels
@@ -425,19 +424,35 @@ class AutoencoderKL(_FirstStage):
         self.scale_factor = float(cfg.scale_factor)
         self.shift_factor = float(cfg.shift_factor)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+    def _checked_image(self, x: torch.Tensor) -> torch.Tensor:
         f = self.downsample_factor
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"AutoencoderKL.encode: input of shape {tuple(x.shape)}; expected "
+            raise ValueError(f"{type(self).__name__}.encode: input of shape {tuple(x.shape)}; expected "
                              f"(B, {self.in_channels}, H, W) with H and W divisible by {f}")
-        moments = self.quant_conv(self.encoder(x))  # (B, 2*embed_dim, H/f, W/f)
+        return x
+
+    def _checked_latent(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 4 or z.shape[1] != self.embed_dim:
+            raise ValueError(f"{type(self).__name__}.decode: latent of shape {tuple(z.shape)}; expected "
+                             f"(B, {self.embed_dim}, h, w)")
+        return z
+
+
+class AutoencoderKL(_ConvAutoencoder):
+    """CompVis AutoencoderKL (networks only): encoder -> quant_conv -> posterior; z -> post_quant_conv
+    -> decoder."""
+
+    def __init__(self, cfg: AutoencoderConfig) -> None:
+        super().__init__(cfg, "kl", double_z=cfg.double_z)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        moments = self.quant_conv(self.encoder(self._checked_image(x)))  # (B, 2*embed_dim, H/f, W/f)
         return DiagonalGaussianDistribution(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if z.ndim != 4 or z.shape[1] != self.embed_dim:
-            raise ValueError(f"AutoencoderKL.decode: latent of shape {tuple(z.shape)}; expected "
-                             f"(B, {self.embed_dim}, h, w)")
-        return self.decoder(self.post_quant_conv(z))  # (B, out_ch, h*f, w*f)
+        return self.decoder(self.post_quant_conv(self._checked_latent(z)))  # (B, out_ch, h*f, w*f)
 
 
 class VectorQuantizer(nn.Module):
@@ -460,43 +475,24 @@ class VectorQuantizer(nn.Module):
         return codes[index].view(b, height, width, d).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
 
 
-class VQModel(_FirstStage):
+class VQModel(_ConvAutoencoder):
     """CompVis ``VQModelInterface`` as latent diffusion uses it (``ldm/models/autoencoder.py``): encode ->
     ``quant_conv(encoder(x))``, the unquantized latent the diffusion model is trained on (a point mass: no
     posterior noise); decode -> quantize to the codebook, ``post_quant_conv``, decoder. Parameter names
     are CompVis', so ``first_stage_model.*`` of the paper's VQ-f4 checkpoints loads unchanged."""
 
     def __init__(self, cfg: AutoencoderConfig) -> None:
-        super().__init__()
-        if cfg.kind != "vq":
-            raise ValueError(f"model.autoencoder.kind={cfg.kind!r}: VQModel needs kind 'vq'")
-        arch = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
-                    attn_resolutions=cfg.attn_resolutions, dropout=cfg.dropout,
-                    resolution=cfg.resolution, z_channels=cfg.z_channels)
-        self.encoder = Encoder(in_channels=cfg.in_channels, double_z=False, **arch)
-        self.decoder = Decoder(out_ch=cfg.out_ch, **arch)
+        super().__init__(cfg, "vq", double_z=False)
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.in_channels = cfg.in_channels
-        self.embed_dim = cfg.embed_dim
-        self.latent_channels = cfg.latent_channels
-        self.downsample_factor = cfg.downsample_factor
-        self.scale_factor = float(cfg.scale_factor)
-        self.shift_factor = float(cfg.shift_factor)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        f = self.downsample_factor
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"VQModel.encode: input of shape {tuple(x.shape)}; expected "
-                             f"(B, {self.in_channels}, H, W) with H and W divisible by {f}")
-        return DiagonalGaussianDistribution.point_mass(self.quant_conv(self.encoder(x)))  # (B, embed_dim, H/f, W/f)
+        h = self.quant_conv(self.encoder(self._checked_image(x)))  # (B, embed_dim, H/f, W/f)
+        return DiagonalGaussianDistribution.point_mass(h)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if z.ndim != 4 or z.shape[1] != self.embed_dim:
-            raise ValueError(f"VQModel.decode: latent of shape {tuple(z.shape)}; expected "
-                             f"(B, {self.embed_dim}, h, w)")
-        return self.decoder(self.post_quant_conv(self.quantize(z)))  # (B, out_ch, h*f, w*f)
+        return self.decoder(self.post_quant_conv(self.quantize(self._checked_latent(z))))  # (B, out_ch, h*f, w*f)
 
 
 class IdentityFirstStage(_FirstStage):
